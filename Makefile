@@ -1,0 +1,68 @@
+# Tessera — `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TESSERA_HOME ?= $(CURDIR)/.tessera
+
+.PHONY: help venv protos protos-check lint stack-up stack-down up down run status \
+        test test-unit test-contract test-e2e clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the pinned dependencies (and the `tessera` CLI)
+
+protos: $(STAMP) ## regenerate Python code from protos/ (next to each .proto)
+	scripts/gen_protos.sh
+
+protos-check: protos ## fail if the checked-in generated code is stale
+	@git diff --exit-code --stat -- protos || \
+	  { echo "generated code is stale: run 'make protos' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- protos)" || \
+	  { git status --porcelain -- protos; echo "untracked generated files" >&2; exit 1; }
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check services tests deploy
+	$(VENV)/bin/ruff format --check services tests deploy
+	$(VENV)/bin/mypy services
+
+stack-up: ## obtain, build (cached) and start Kafka, the S3 server and FerretDB
+	deploy/local/stack.sh up
+
+stack-down: ## stop Kafka, the S3 server and FerretDB
+	deploy/local/stack.sh down
+
+up: $(STAMP) stack-up ## everything: servers, then the six services, waits until healthy
+	$(PY) deploy/local/devstack.py up
+
+down: ## stop exactly what `make up` started
+	-@test -x $(PY) && $(PY) deploy/local/devstack.py down
+	deploy/local/stack.sh down
+
+status: ## health of the servers and services
+	-deploy/local/stack.sh status
+	$(PY) deploy/local/devstack.py status
+
+run: up ## the main job: sample slides through every service, outcome printed
+	$(PY) -m services.cli.demo
+
+test-unit: $(STAMP) ## unit tests only (no servers)
+	$(PY) -m pytest -q tests/unit
+
+test: up ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
+	$(PY) -m pytest -q -p no:cacheprovider tests -rs
+
+clean: down ## stop everything and delete the local stack's data (keeps the download cache)
+	rm -rf $(TESSERA_HOME)/stack

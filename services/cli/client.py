@@ -1,0 +1,217 @@
+"""An async client of the Tessera gRPC APIs, as partner systems use them. The `tessera`
+command, the demo and the end-to-end tests all go through it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from grpc import StatusCode, aio
+
+from services.shared.grpc.client import open_channel
+from tessera.access.v1 import access_pb2, access_pb2_grpc
+from tessera.common.v1 import common_pb2
+from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
+from tessera.metadata.v1 import metadata_pb2, metadata_pb2_grpc
+from tessera.serving.v1 import serving_pb2_grpc
+from tessera.tiling.v1 import tiling_pb2, tiling_pb2_grpc
+
+DEFAULT_PORTS = {
+    "access": 50051,
+    "ingestion": 50052,
+    "deid": 50053,
+    "tiling": 50054,
+    "metadata": 50055,
+    "serving": 50056,
+}
+CHUNK = 1024 * 1024
+TERMINAL = {common_pb2.SLIDE_STATUS_READY, common_pb2.SLIDE_STATUS_REJECTED}
+
+
+def endpoint(name: str) -> str:
+    return os.environ.get(f"TESSERA_ENDPOINT_{name.upper()}", f"127.0.0.1:{DEFAULT_PORTS[name]}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(8 * 1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    slide_id: str
+    upload_id: str
+    format: int
+    duplicate: bool
+    attempts: int
+
+
+class TesseraClient:
+    def __init__(self, token: str) -> None:
+        self._token = token
+        self._channels: dict[str, aio.Channel] = {}
+
+    def _ch(self, name: str) -> aio.Channel:
+        if name not in self._channels:
+            self._channels[name] = open_channel(endpoint(name), lambda: self._token)
+        return self._channels[name]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+    async def __aenter__(self) -> TesseraClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def access(self) -> access_pb2_grpc.AccessServiceStub:
+        return access_pb2_grpc.AccessServiceStub(self._ch("access"))
+
+    @property
+    def ingestion(self) -> ingestion_pb2_grpc.IngestionServiceStub:
+        return ingestion_pb2_grpc.IngestionServiceStub(self._ch("ingestion"))
+
+    @property
+    def metadata(self) -> metadata_pb2_grpc.MetadataServiceStub:
+        return metadata_pb2_grpc.MetadataServiceStub(self._ch("metadata"))
+
+    @property
+    def tiling(self) -> tiling_pb2_grpc.TilingServiceStub:
+        return tiling_pb2_grpc.TilingServiceStub(self._ch("tiling"))
+
+    @property
+    def serving(self) -> serving_pb2_grpc.SlideInferenceServiceStub:
+        return serving_pb2_grpc.SlideInferenceServiceStub(self._ch("serving"))
+
+    def channel(self, name: str) -> aio.Channel:
+        return self._ch(name)
+
+    # -- access ---------------------------------------------------------------------------
+
+    async def create_dataset(self, dataset_id: str, name: str = "", description: str = "") -> None:
+        await self.access.CreateDataset(
+            access_pb2.CreateDatasetRequest(
+                dataset_id=dataset_id, name=name, description=description
+            )
+        )
+
+    async def grant(
+        self, dataset_id: str, subject: str, role: int, days: float = 30, purpose: str = ""
+    ) -> access_pb2.Grant:
+        req = access_pb2.GrantRoleRequest(
+            dataset_id=dataset_id,
+            subject=subject,
+            role=role,  # type: ignore[arg-type]
+            purpose=purpose,
+        )
+        req.expires_at.FromDatetime(datetime.now(UTC) + timedelta(days=days))
+        return (await self.access.GrantRole(req)).grant
+
+    # -- upload ---------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        path: Path,
+        dataset_id: str,
+        metadata: common_pb2.ClinicalMetadata | None = None,
+        *,
+        max_attempts: int = 5,
+        sha256: str | None = None,
+    ) -> UploadOutcome:
+        """Stream a file; on a dropped connection ask how much arrived and resume there."""
+        size = (await asyncio.to_thread(path.stat)).st_size
+        digest = sha256 if sha256 else await asyncio.to_thread(sha256_file, path)
+        header = ingestion_pb2.UploadHeader(
+            dataset_id=dataset_id,
+            filename=path.name,
+            size_bytes=size,
+            sha256=digest,
+            metadata=metadata or common_pb2.ClinicalMetadata(),
+        )
+        attempt = 0
+        while True:
+            attempt += 1
+            st = await self.ingestion.GetUploadStatus(
+                ingestion_pb2.GetUploadStatusRequest(
+                    dataset_id=dataset_id, sha256=digest, size_bytes=size
+                )
+            )
+            start = st.received_bytes if st.state == ingestion_pb2.UPLOAD_STATE_IN_PROGRESS else 0
+            try:
+                resp = await self.ingestion.UploadSlide(_requests(header, path, start))
+            except aio.AioRpcError as exc:
+                if (
+                    exc.code()
+                    in (StatusCode.UNAVAILABLE, StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED)
+                    and attempt < max_attempts
+                ):
+                    await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                    continue
+                raise
+            return UploadOutcome(
+                resp.slide_id, resp.upload_id, resp.format, resp.duplicate, attempt
+            )
+
+    async def wait(self, slide_id: str, timeout_s: float = 300) -> metadata_pb2.Slide:
+        """Poll the catalogue until the slide is READY or REJECTED."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        last: metadata_pb2.Slide | None = None
+        while True:
+            try:
+                resp = await self.metadata.GetSlide(metadata_pb2.GetSlideRequest(slide_id=slide_id))
+                last = resp.slide
+                if last.status in TERMINAL:
+                    return last
+            except aio.AioRpcError as exc:
+                if exc.code() != StatusCode.NOT_FOUND:
+                    raise
+            if asyncio.get_running_loop().time() > deadline:
+                if last is None:
+                    raise TimeoutError(f"slide {slide_id} never reached the catalogue")
+                return last
+            await asyncio.sleep(0.5)
+
+    async def fetch(self, slide_id: str, out: Path) -> tuple[int, str]:
+        """Download the de-identified slide; verifies the sha256 announced by the server."""
+        h = hashlib.sha256()
+        expected, size = "", 0
+        with out.open("wb") as fh:
+            async for msg in self.tiling.DownloadSlide(
+                tiling_pb2.DownloadSlideRequest(slide_id=slide_id)
+            ):
+                if msg.sha256:
+                    expected = msg.sha256
+                fh.write(msg.data)
+                h.update(msg.data)
+                size += len(msg.data)
+        if expected and h.hexdigest() != expected:
+            raise ValueError("downloaded bytes do not match the announced sha256")
+        return size, h.hexdigest()
+
+
+async def _requests(
+    header: ingestion_pb2.UploadHeader, path: Path, start: int
+) -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
+    yield ingestion_pb2.UploadSlideRequest(header=header)
+    offset = start
+    with path.open("rb") as fh:
+        fh.seek(start)
+        while True:
+            data = await asyncio.to_thread(fh.read, CHUNK)
+            if not data:
+                break
+            yield ingestion_pb2.UploadSlideRequest(
+                chunk=ingestion_pb2.UploadChunk(offset=offset, data=data)
+            )
+            offset += len(data)

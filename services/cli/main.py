@@ -1,0 +1,379 @@
+"""`tessera`: the command-line client for partner systems and operators.
+
+Authentication: a bearer token in $TESSERA_TOKEN (or --token / --token-file). On the local
+stack, `tessera token --subject alice --role admin` mints one with the stack's signing key.
+Endpoints: $TESSERA_ENDPOINT_<SERVICE> (default: the local stack's ports).
+Every subcommand takes --json for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from grpc import aio
+
+from services.cli.client import TesseraClient
+from services.shared.grpc.interceptors import REASON_KEY
+from tessera.access.v1 import access_pb2
+from tessera.common.v1 import common_pb2
+from tessera.metadata.v1 import metadata_pb2
+from tessera.serving.v1 import serving_pb2
+from tessera.tiling.v1 import tiling_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SIGNING_KEY = REPO / ".tessera" / "stack" / "app" / "keys" / "issuer.pem"
+ROLES = {r.removeprefix("ROLE_").lower(): v for r, v in access_pb2.Role.items() if v}
+STATUSES = {
+    s.removeprefix("SLIDE_STATUS_").lower(): v for s, v in common_pb2.SlideStatus.items() if v
+}
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True)
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True) if self.json else text)
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    token = os.environ.get("TESSERA_TOKEN", "")
+    if not token:
+        raise SystemExit(
+            "error: no token: set TESSERA_TOKEN or pass --token/--token-file "
+            "(local stack: export TESSERA_TOKEN=$(tessera token --subject you "
+            "--role admin))"
+        )
+    return token
+
+
+def slide_text(s: metadata_pb2.Slide) -> str:
+    lines = [
+        f"slide     {s.slide_id}",
+        f"dataset   {s.dataset_id}",
+        f"status    {common_pb2.SlideStatus.Name(s.status).removeprefix('SLIDE_STATUS_')}",
+        f"format    {common_pb2.SlideFormat.Name(s.format).removeprefix('SLIDE_FORMAT_')}",
+    ]
+    if s.geometry.width:
+        lines.append(
+            f"size      {s.geometry.width} x {s.geometry.height} px, "
+            f"{len(s.geometry.levels)} levels, mpp {s.geometry.mpp_x:.4g}"
+        )
+    for t in s.timeline:
+        status = common_pb2.SlideStatus.Name(t.status).removeprefix("SLIDE_STATUS_")
+        extra = f" ({t.reason})" if t.reason else ""
+        lines.append(
+            f"  {t.at.ToDatetime().isoformat(timespec='milliseconds')}  "
+            f"{status:<13} {t.stage}{extra}"
+        )
+    if s.rejection_reason:
+        lines.append(f"rejected  {s.rejection_reason}: {s.rejection_detail}")
+    if s.deid.removed:
+        removed = ", ".join(f"{k} x{v}" for k, v in sorted(s.deid.removed.items()))
+        lines.append(f"removed   {removed}")
+    if s.pyramid.descriptor_key:
+        lines.append(f"pyramid   {s.pyramid.level_count} levels, {s.pyramid.tile_count} tiles")
+    for r in s.inference:
+        lines.append(
+            f"inference {r.model_name} v{r.model_version}: tissue fraction {r.tissue_fraction:.3f}"
+        )
+    return "\n".join(lines)
+
+
+async def cmd_upload(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    md = common_pb2.ClinicalMetadata(
+        stain=a.stain or "",
+        organ=a.organ or "",
+        species=a.species or "",
+        case_id=a.case_id or "",
+        patient_id=a.patient_id or "",
+        specimen_id=a.specimen_id or "",
+        block_id=a.block_id or "",
+    )
+    res = await c.upload(Path(a.file), a.dataset, md)
+    data: dict[str, Any] = {
+        "slide_id": res.slide_id,
+        "upload_id": res.upload_id,
+        "duplicate": res.duplicate,
+    }
+    text = res.slide_id
+    if a.wait:
+        slide = await c.wait(res.slide_id, a.timeout)
+        data["slide"] = _dict(slide)
+        text = slide_text(slide)
+    out.emit(data, text)
+
+
+async def cmd_status(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    s = (await c.metadata.GetSlide(metadata_pb2.GetSlideRequest(slide_id=a.slide))).slide
+    out.emit(_dict(s), slide_text(s))
+
+
+async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    req = metadata_pb2.SearchSlidesRequest(
+        dataset_id=a.dataset or "",
+        stain=a.stain or "",
+        organ=a.organ or "",
+        species=a.species or "",
+        status=STATUSES.get(a.status or "", 0),  # type: ignore[arg-type]
+        page_size=a.page_size,
+        page_token=a.page_token or "",
+    )
+    resp = await c.metadata.SearchSlides(req)
+    rows = [
+        f"{s.slide_id}  {s.dataset_id:<20} "
+        f"{common_pb2.SlideStatus.Name(s.status).removeprefix('SLIDE_STATUS_'):<12} "
+        f"{s.clinical.stain}"
+        for s in resp.slides
+    ]
+    rows.append(
+        f"{resp.total_count} matching"
+        + (f"; next page: {resp.next_page_token}" if resp.next_page_token else "")
+    )
+    out.emit(_dict(resp), "\n".join(rows))
+
+
+async def cmd_fetch(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    size, digest = await c.fetch(a.slide, Path(a.output))
+    out.emit(
+        {"path": a.output, "size_bytes": size, "sha256": digest},
+        f"wrote {a.output} ({size} bytes, sha256 {digest})",
+    )
+
+
+async def cmd_tile(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    t = await c.tiling.GetTile(
+        tiling_pb2.GetTileRequest(slide_id=a.slide, level=a.level, col=a.col, row=a.row)
+    )
+    await asyncio.to_thread(Path(a.output).write_bytes, t.data)
+    out.emit(
+        {"path": a.output, "size_bytes": len(t.data), "content_type": t.content_type},
+        f"wrote {a.output} ({len(t.data)} bytes, {t.content_type})",
+    )
+
+
+async def cmd_dzi(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    d = await c.tiling.GetDeepZoomDescriptor(
+        tiling_pb2.GetDeepZoomDescriptorRequest(slide_id=a.slide)
+    )
+    out.emit(_dict(d), d.http_url)
+
+
+async def cmd_dataset(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.access.CreateDataset(
+        access_pb2.CreateDatasetRequest(
+            dataset_id=a.dataset_id, name=a.name or "", description=a.description or ""
+        )
+    )
+    out.emit(_dict(r.dataset), f"created dataset {r.dataset.dataset_id}")
+
+
+async def cmd_grant(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    g = await c.grant(a.dataset, a.subject, ROLES[a.role], a.days, a.purpose or "")
+    out.emit(
+        _dict(g),
+        f"granted {a.role} on {a.dataset} to {a.subject} until {g.expires_at.ToDatetime().date()}",
+    )
+
+
+async def cmd_revoke(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.access.RevokeRole(
+        access_pb2.RevokeRoleRequest(
+            dataset_id=a.dataset,
+            subject=a.subject,
+            role=ROLES.get(a.role or "", 0),  # type: ignore[arg-type]
+        )
+    )
+    out.emit(_dict(r) | {"revoked": r.revoked}, f"revoked {r.revoked} grant(s)")
+
+
+async def cmd_infer(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.serving.InferSlide(
+        serving_pb2.InferSlideRequest(
+            slide_id=a.slide, model_name=a.model or "", model_version=a.version or ""
+        )
+    )
+    out.emit(
+        _dict(r.result),
+        f"{r.result.model_name} v{r.result.model_version}: "
+        f"tissue fraction {r.result.tissue_fraction:.3f}",
+    )
+
+
+async def cmd_audit(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.access.ListAuditRecords(
+        access_pb2.ListAuditRecordsRequest(
+            subject=a.subject or "",
+            dataset_id=a.dataset or "",
+            resource=a.resource or "",
+            page_size=a.limit,
+        )
+    )
+    rows = [
+        f"{x.at.ToDatetime().isoformat(timespec='seconds')} "
+        f"{'ALLOW' if x.allowed else 'DENY '} {x.subject} "
+        f"{access_pb2.Action.Name(x.action)} {x.resource} ({x.reason})"
+        for x in r.records
+    ]
+    out.emit(_dict(r), "\n".join(rows) or "no records")
+
+
+def cmd_token(a: argparse.Namespace, out: Output) -> None:
+    from services.shared.auth import TokenIssuer
+
+    key = Path(a.signing_key or os.environ.get("TESSERA_SIGNING_KEY", DEFAULT_SIGNING_KEY))
+    if not key.exists():
+        raise SystemExit(f"error: signing key {key} not found (run `make up` first)")
+    token = TokenIssuer(key.read_bytes()).issue(a.subject, a.role or [], ttl_s=a.ttl)
+    out.emit({"token": token, "subject": a.subject, "roles": a.role or []}, token)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--token", help="bearer token (default: $TESSERA_TOKEN)")
+    common.add_argument("--token-file", help="file holding the bearer token")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("upload", parents=[common], help="upload a slide")
+    s.add_argument("file")
+    s.add_argument("--dataset", required=True)
+    for opt in (
+        "--stain",
+        "--organ",
+        "--species",
+        "--case-id",
+        "--patient-id",
+        "--specimen-id",
+        "--block-id",
+    ):
+        s.add_argument(opt)
+    s.add_argument("--wait", action="store_true", help="wait for READY or REJECTED")
+    s.add_argument("--timeout", type=float, default=300)
+    s.set_defaults(run=cmd_upload)
+
+    s = sub.add_parser("status", parents=[common], help="a slide's catalogue record")
+    s.add_argument("slide")
+    s.set_defaults(run=cmd_status)
+
+    s = sub.add_parser("search", parents=[common], help="search the catalogue")
+    for opt in ("--dataset", "--stain", "--organ", "--species", "--page-token"):
+        s.add_argument(opt)
+    s.add_argument("--status", choices=sorted(STATUSES))
+    s.add_argument("--page-size", type=int, default=50)
+    s.set_defaults(run=cmd_search)
+
+    s = sub.add_parser("fetch", parents=[common], help="download the de-identified slide")
+    s.add_argument("slide")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(run=cmd_fetch)
+
+    s = sub.add_parser("tile", parents=[common], help="download one Deep Zoom tile")
+    s.add_argument("slide")
+    s.add_argument("level", type=int)
+    s.add_argument("col", type=int)
+    s.add_argument("row", type=int)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(run=cmd_tile)
+
+    s = sub.add_parser("dzi", parents=[common], help="Deep Zoom descriptor and its HTTP URL")
+    s.add_argument("slide")
+    s.set_defaults(run=cmd_dzi)
+
+    s = sub.add_parser("dataset", parents=[common], help="create a dataset (admin)")
+    s.add_argument("dataset_id")
+    s.add_argument("--name")
+    s.add_argument("--description")
+    s.set_defaults(run=cmd_dataset)
+
+    s = sub.add_parser("grant", parents=[common], help="grant a role on a dataset")
+    s.add_argument("dataset")
+    s.add_argument("subject")
+    s.add_argument("role", choices=sorted(ROLES))
+    s.add_argument("--days", type=float, default=30)
+    s.add_argument("--purpose")
+    s.set_defaults(run=cmd_grant)
+
+    s = sub.add_parser("revoke", parents=[common], help="revoke a subject's role(s)")
+    s.add_argument("dataset")
+    s.add_argument("subject")
+    s.add_argument("role", nargs="?", choices=sorted(ROLES))
+    s.set_defaults(run=cmd_revoke)
+
+    s = sub.add_parser("infer", parents=[common], help="run a model on a slide")
+    s.add_argument("slide")
+    s.add_argument("--model")
+    s.add_argument("--version")
+    s.set_defaults(run=cmd_infer)
+
+    s = sub.add_parser("audit", parents=[common], help="access decisions (steward/admin)")
+    for opt in ("--subject", "--dataset", "--resource"):
+        s.add_argument(opt)
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(run=cmd_audit)
+
+    s = sub.add_parser("token", parents=[common], help="mint a token (local stack only)")
+    s.add_argument("--subject", required=True)
+    s.add_argument("--role", action="append", help="global role: admin, service")
+    s.add_argument("--ttl", type=int, default=8 * 3600)
+    s.add_argument("--signing-key")
+    s.set_defaults(run=None)
+    return p
+
+
+async def _run(
+    fn: Callable[[TesseraClient, argparse.Namespace, Output], Awaitable[None]],
+    args: argparse.Namespace,
+    out: Output,
+) -> None:
+    async with TesseraClient(_token(args)) as client:
+        await fn(client, args, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = Output(args.json)
+    if args.command == "token":
+        cmd_token(args, out)
+        return 0
+    try:
+        asyncio.run(_run(args.run, args, out))
+    except aio.AioRpcError as exc:
+        reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY, "")
+        err = {"error": exc.code().name, "reason": reason, "message": exc.details()}
+        if out.json:
+            print(json.dumps(err), file=sys.stderr)
+        else:
+            print(
+                f"error: {exc.code().name}"
+                f"{' (' + str(reason) + ')' if reason else ''}: {exc.details()}",
+                file=sys.stderr,
+            )
+        return 1
+    except (OSError, ValueError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

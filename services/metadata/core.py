@@ -1,0 +1,238 @@
+"""The catalogue: a projection of every slide event into one document per slide.
+
+Transport-free. Events of one slide arrive on different topics, so in any order; each event
+is applied once (its id is remembered on the document) and the status only moves forward
+(a rank decides), so redeliveries and reordering leave the same document.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from services.shared.access import AccessChecker, Action
+from services.shared.auth import Principal
+from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.events import (
+    TOPIC_DATASET_CREATED,
+    TOPIC_INFERENCE_COMPLETED,
+    TOPIC_SLIDE_DEIDENTIFIED,
+    TOPIC_SLIDE_RECEIVED,
+    TOPIC_SLIDE_REJECTED,
+    TOPIC_SLIDE_TILED,
+)
+from services.shared.ports.documents import Collection
+from tessera.events.v1 import events_pb2
+
+RANK = {"RECEIVED": 1, "DEIDENTIFIED": 2, "TILED": 3, "READY": 4, "REJECTED": 100}
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, use_integers_for_enums=True)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    dataset_id: str = ""
+    stain: str = ""
+    organ: str = ""
+    species: str = ""
+    status: str = ""
+    format: int = 0
+    case_id: str = ""
+    page_size: int = DEFAULT_PAGE
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    slides: list[dict[str, Any]]
+    next_page_token: str
+    total_count: int
+
+
+class Catalogue:
+    def __init__(self, *, slides: Collection, datasets: Collection, access: AccessChecker):
+        self._slides = slides
+        self._datasets = datasets
+        self._access = access
+
+    async def ensure_indexes(self) -> None:
+        for field in (
+            "dataset_id",
+            "clinical.stain",
+            "clinical.organ",
+            "clinical.species",
+            "status",
+            "clinical.case_id",
+        ):
+            await self._slides.ensure_index([(field, 1)])
+        await self._slides.ensure_index([("created_at", 1)])
+
+    # -- projection -----------------------------------------------------------------------
+
+    def handlers(self) -> Mapping[str, Any]:
+        return {
+            TOPIC_SLIDE_RECEIVED: self.on_event,
+            TOPIC_SLIDE_DEIDENTIFIED: self.on_event,
+            TOPIC_SLIDE_REJECTED: self.on_event,
+            TOPIC_SLIDE_TILED: self.on_event,
+            TOPIC_INFERENCE_COMPLETED: self.on_event,
+            TOPIC_DATASET_CREATED: self.on_dataset,
+        }
+
+    async def on_dataset(self, env: events_pb2.EventEnvelope) -> None:
+        p = env.dataset_created
+        await self._datasets.update(
+            {"_id": env.dataset_id},
+            set_fields={"name": p.name, "description": p.description},
+            set_on_insert={"created_at": env.occurred_at.ToDatetime(tzinfo=UTC)},
+            upsert=True,
+        )
+
+    async def on_event(self, env: events_pb2.EventEnvelope) -> None:
+        kind = env.WhichOneof("payload")
+        at = env.occurred_at.ToDatetime(tzinfo=UTC)
+        fields: dict[str, Any] = {}
+        push: dict[str, Any] = {}
+        stage = ""
+        reason = ""
+        if kind == "slide_received":
+            p = env.slide_received
+            status, stage = "RECEIVED", "ingestion"
+            fields = {
+                "format": int(p.format),
+                "size_bytes": int(p.size_bytes),
+                "clinical": _dict(p.metadata),
+                "received_at": at,
+            }
+        elif kind == "slide_deidentified":
+            d = env.slide_deidentified
+            status, stage = "DEIDENTIFIED", "deidentification"
+            fields = {
+                "format": int(d.format),
+                "geometry": _dict(d.geometry),
+                "deid": _dict(d.summary),
+                "deidentified_size_bytes": int(d.size_bytes),
+            }
+        elif kind == "slide_rejected":
+            r = env.slide_rejected
+            status, stage, reason = "REJECTED", r.stage, r.reason
+            fields = {"rejection_reason": r.reason, "rejection_detail": r.detail}
+        elif kind == "slide_tiled":
+            t = env.slide_tiled
+            status, stage = "TILED", "tiling"
+            fields = {"pyramid": _dict(t.pyramid)}
+        elif kind == "inference_completed":
+            status, stage = "READY", "serving"
+            push = {"inference": _dict(env.inference_completed.result)}
+        else:
+            return
+        slide_id = env.slide_id
+        await self._slides.update(
+            {"_id": slide_id},
+            set_on_insert={
+                "dataset_id": env.dataset_id,
+                "created_at": at,
+                "status": "",
+                "status_rank": 0,
+                "applied": [],
+                "timeline": [],
+            },
+            upsert=True,
+        )
+        applied = await self._slides.update(
+            {"_id": slide_id, "applied": {"$ne": env.event_id}},
+            set_fields={**fields, "updated_at": at},
+            push={
+                "timeline": {"status": status, "at": at, "stage": stage, "reason": reason},
+                **push,
+            },
+            add_to_set={"applied": env.event_id},
+        )
+        if applied:
+            await self._slides.update(
+                {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 1}},
+                set_fields={"status": status, "status_rank": RANK[status]},
+            )
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def get(self, caller: Principal, slide_id: str) -> dict[str, Any]:
+        if not slide_id or len(slide_id) > 128:
+            raise InvalidArgument("slide_id is required", "MISSING_FIELD")
+        doc = await self._slides.get(slide_id)
+        if doc is None:
+            raise NotFound("slide not found", "SLIDE_NOT_FOUND")
+        await self._access.require(
+            caller.subject, Action.ACTION_READ_RECORD, doc["dataset_id"], f"slide/{slide_id}"
+        )
+        return doc
+
+    async def search(self, caller: Principal, q: SearchQuery) -> SearchResult:
+        page_size = q.page_size or DEFAULT_PAGE
+        if not 1 <= page_size <= MAX_PAGE:
+            raise InvalidArgument(f"page_size must be within 1..{MAX_PAGE}", "BAD_PAGE_SIZE")
+        offset = _decode_token(q.page_token)
+        permitted = await self._access.permitted_datasets(caller.subject, Action.ACTION_READ_RECORD)
+        flt: dict[str, Any] = {}
+        if q.dataset_id:
+            if q.dataset_id not in permitted:
+                decision = await self._access.check(
+                    caller.subject,
+                    Action.ACTION_READ_RECORD,
+                    q.dataset_id,
+                    f"dataset/{q.dataset_id}/search",
+                )
+                raise PermissionDenied("no grant on this dataset", decision.reason)
+            flt["dataset_id"] = q.dataset_id
+        else:
+            flt["dataset_id"] = {"$in": permitted}
+        for key, value in (
+            ("clinical.stain", q.stain),
+            ("clinical.organ", q.organ),
+            ("clinical.species", q.species),
+            ("clinical.case_id", q.case_id),
+        ):
+            if value:
+                flt[key] = value.strip().lower() if key != "clinical.case_id" else value
+        if q.status:
+            flt["status"] = q.status
+        if q.format:
+            flt["format"] = q.format
+        total = await self._slides.count(flt)
+        docs = await self._slides.find(
+            flt, sort=[("created_at", 1), ("_id", 1)], skip=offset, limit=page_size
+        )
+        nxt = offset + len(docs)
+        token = _encode_token(nxt) if nxt < total else ""
+        return SearchResult(docs, token, total)
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token.encode()).decode()
+        offset = int(raw[2:]) if raw.startswith("o:") else -1
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        offset = -1
+    if offset < 0:
+        raise InvalidArgument("malformed page_token", "BAD_PAGE_TOKEN")
+    return offset
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

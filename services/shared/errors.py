@@ -1,0 +1,66 @@
+"""Domain errors. Service code raises these; one interceptor maps them to gRPC status codes
+(`services.shared.grpc.interceptors.ErrorInterceptor`) and one event runner maps them to
+retry or dead-letter decisions. Messages must never contain identifying values."""
+
+from __future__ import annotations
+
+
+class TesseraError(Exception):
+    """Base class. `reason` is a stable UPPER_SNAKE code for machines."""
+
+    default_reason = "ERROR"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+
+
+class InvalidArgument(TesseraError):
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(TesseraError):
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(TesseraError):
+    default_reason = "ALREADY_EXISTS"
+
+
+class PermissionDenied(TesseraError):
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(TesseraError):
+    default_reason = "UNAUTHENTICATED"
+
+
+class FailedPrecondition(TesseraError):
+    default_reason = "FAILED_PRECONDITION"
+
+
+class OutOfRange(TesseraError):
+    default_reason = "OUT_OF_RANGE"
+
+
+class DataLoss(TesseraError):
+    """Bytes received do not match what was declared (checksum, size)."""
+
+    default_reason = "DATA_LOSS"
+
+
+class ResourceExhausted(TesseraError):
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(TesseraError):
+    """A dependency is down; the caller may retry."""
+
+    default_reason = "UNAVAILABLE"
+
+
+class PermanentEventError(TesseraError):
+    """An event that can never be processed (malformed, unknown type): dead-letter it."""
+
+    default_reason = "MALFORMED_EVENT"

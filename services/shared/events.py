@@ -1,0 +1,296 @@
+"""Events on the bus: topics, the envelope, publishing with trace context, and the one
+consumer loop every service uses (manual commit after the side effect, bounded retries with
+backoff, dead-letter topic for what can never be processed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.shared import metrics, telemetry
+from services.shared.errors import PermanentEventError, TesseraError, Unavailable
+from services.shared.ports.bus import Message, MessageBus, Publisher
+from tessera.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+TOPIC_SLIDE_RECEIVED = "tessera.slide.received.v1"
+TOPIC_SLIDE_DEIDENTIFIED = "tessera.slide.deidentified.v1"
+TOPIC_SLIDE_REJECTED = "tessera.slide.rejected.v1"
+TOPIC_SLIDE_TILED = "tessera.slide.tiled.v1"
+TOPIC_INFERENCE_COMPLETED = "tessera.inference.completed.v1"
+TOPIC_DATASET_CREATED = "tessera.dataset.created.v1"
+TOPIC_AUDIT = "tessera.audit.v1"
+
+# The payload field of the envelope that each topic carries.
+TOPIC_PAYLOAD: Mapping[str, str] = {
+    TOPIC_SLIDE_RECEIVED: "slide_received",
+    TOPIC_SLIDE_DEIDENTIFIED: "slide_deidentified",
+    TOPIC_SLIDE_REJECTED: "slide_rejected",
+    TOPIC_SLIDE_TILED: "slide_tiled",
+    TOPIC_INFERENCE_COMPLETED: "inference_completed",
+    TOPIC_DATASET_CREATED: "dataset_created",
+    TOPIC_AUDIT: "access_decided",
+}
+ALL_TOPICS = tuple(TOPIC_PAYLOAD)
+
+
+def dead_letter_topic(service: str) -> str:
+    return f"tessera.dlq.{service}.v1"
+
+
+_EVENT_NS = uuid.UUID("8a4f3a52-7c1e-4c43-9a4e-0f3f6b1f2d11")
+
+
+def event_id_for(subject_id: str, stage: str) -> str:
+    """Deterministic id of the event a stage emits for a slide: a re-emitted event after a
+    crash carries the same id, so consumers apply it once."""
+    return str(uuid.uuid5(_EVENT_NS, f"{subject_id}/{stage}"))
+
+
+def new_envelope(
+    *,
+    payload_field: str,
+    payload: ProtoMessage,
+    slide_id: str = "",
+    dataset_id: str = "",
+    event_id: str | None = None,
+) -> events_pb2.EventEnvelope:
+    env = events_pb2.EventEnvelope(
+        event_id=event_id or str(uuid.uuid4()),
+        event_type=payload.DESCRIPTOR.full_name,
+        slide_id=slide_id,
+        dataset_id=dataset_id,
+        schema_version=SCHEMA_VERSION,
+    )
+    env.occurred_at.GetCurrentTime()
+    getattr(env, payload_field).CopyFrom(payload)
+    return env
+
+
+class EventEmitter:
+    """Publishes envelopes; the broker has acknowledged when `emit` returns."""
+
+    def __init__(self, service: str, publisher: Publisher) -> None:
+        self._service = service
+        self._publisher = publisher
+        self._tracer = telemetry.tracer(__name__)
+
+    async def emit(self, topic: str, envelope: events_pb2.EventEnvelope) -> None:
+        expected = TOPIC_PAYLOAD.get(topic)
+        if expected is None or envelope.WhichOneof("payload") != expected:
+            raise ValueError(f"envelope payload does not belong on {topic}")
+        with self._tracer.start_as_current_span(f"{topic} publish", kind=SpanKind.PRODUCER) as sp:
+            sp.set_attribute("messaging.system", "kafka")
+            sp.set_attribute("messaging.destination.name", topic)
+            sp.set_attribute("messaging.message.id", envelope.event_id)
+            envelope.producer = self._service
+            carrier = telemetry.inject_headers()
+            envelope.trace_context.clear()
+            envelope.trace_context.update(carrier)
+            headers = [(k, v.encode()) for k, v in carrier.items()]
+            headers += [
+                ("event-type", envelope.event_type.encode()),
+                ("event-id", envelope.event_id.encode()),
+            ]
+            key = (envelope.slide_id or envelope.dataset_id or envelope.event_id).encode()
+            try:
+                await self._publisher.publish(
+                    topic, envelope.SerializeToString(), key=key, headers=headers
+                )
+            except Exception as exc:
+                raise Unavailable("event bus unavailable") from exc
+        metrics.EVENTS_PUBLISHED.labels(self._service, topic).inc()
+
+
+Handler = Callable[[events_pb2.EventEnvelope], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1))))
+
+
+class EventRunner:
+    """Consumes topics for one consumer group and calls one handler per topic.
+
+    For each message, in partition order: decode and validate the envelope (malformed → dead
+    letter), run the handler inside a consumer span that continues the producer's trace, and
+    commit the offset only after the handler returned (or after the message was dead-lettered).
+    Domain errors (`TesseraError` but not `Unavailable`) are permanent: dead-lettered at once.
+    Anything else is retried with exponential backoff, then dead-lettered after
+    `retry.max_attempts`, so one poisonous message never blocks its partition for long.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        bus: MessageBus,
+        group: str,
+        handlers: Mapping[str, Handler],
+        publisher: Publisher,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._service = service
+        self._bus = bus
+        self._group = group
+        self._handlers = dict(handlers)
+        self._publisher = publisher
+        self._retry = retry or RetryPolicy()
+        self._dlq = dead_letter_topic(service)
+        self._stopping = asyncio.Event()
+        self._tracer = telemetry.tracer(__name__)
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        sub = self._bus.subscription(self._group, list(self._handlers))
+        await sub.start()
+        self.ready.set()
+        try:
+            while not self._stopping.is_set():
+                batch = await sub.fetch(timeout_s=0.5)
+                for msg in batch:
+                    if self._stopping.is_set():
+                        return  # not committed: redelivered after restart
+                    done = await self._process(msg)
+                    if not done:
+                        return
+                    await sub.commit(msg)
+        finally:
+            await sub.stop()
+
+    async def _process(self, msg: Message) -> bool:
+        """Handle one message. True when it may be committed."""
+        try:
+            envelope = self._decode(msg)
+        except PermanentEventError as exc:
+            await self._dead_letter(msg, exc.reason, exc.message)
+            return True
+        handler = self._handlers[msg.topic]
+        carrier = {k: v.decode("latin-1") for k, v in msg.headers}
+        ctx = telemetry.extract_context(carrier or dict(envelope.trace_context))
+        attempt = 0
+        while True:
+            attempt += 1
+            start = time.perf_counter()
+            with self._tracer.start_as_current_span(
+                f"{msg.topic} process", context=ctx, kind=SpanKind.CONSUMER
+            ) as span:
+                span.set_attribute("messaging.system", "kafka")
+                span.set_attribute("messaging.destination.name", msg.topic)
+                span.set_attribute("messaging.consumer.group.name", self._group)
+                span.set_attribute("messaging.message.id", envelope.event_id)
+                span.set_attribute("tessera.slide_id", envelope.slide_id)
+                span.set_attribute("tessera.attempt", attempt)
+                try:
+                    await handler(envelope)
+                except asyncio.CancelledError:
+                    raise
+                except TesseraError as exc:
+                    if isinstance(exc, Unavailable):
+                        outcome = "retry"
+                        err: Exception = exc
+                    else:
+                        span.set_status(Status(StatusCode.ERROR, exc.reason))
+                        metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, "rejected").inc()
+                        await self._dead_letter(msg, exc.reason, exc.message)
+                        return True
+                except Exception as exc:  # noqa: BLE001 - any other failure is retried
+                    outcome = "retry"
+                    err = exc
+                else:
+                    metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, "ok").inc()
+                    metrics.EVENT_HANDLER_LATENCY.labels(self._service, msg.topic).observe(
+                        time.perf_counter() - start
+                    )
+                    return True
+                span.set_status(Status(StatusCode.ERROR, type(err).__name__))
+            metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, outcome).inc()
+            log.warning(
+                "event handler failed, will retry",
+                extra={
+                    "event_id": envelope.event_id,
+                    "topic": msg.topic,
+                    "attempt": attempt,
+                    "reason": type(err).__name__,
+                },
+            )
+            if attempt >= self._retry.max_attempts:
+                await self._dead_letter(msg, "RETRIES_EXHAUSTED", type(err).__name__)
+                return True
+            if await self._sleep_or_stop(self._retry.delay(attempt)):
+                return False  # stopping: leave uncommitted
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        """Sleep; True when asked to stop meanwhile."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _decode(self, msg: Message) -> events_pb2.EventEnvelope:
+        envelope = events_pb2.EventEnvelope()
+        try:
+            envelope.ParseFromString(msg.value)
+        except DecodeError:
+            raise PermanentEventError("value is not an EventEnvelope", "MALFORMED_EVENT") from None
+        expected = TOPIC_PAYLOAD.get(msg.topic)
+        if envelope.WhichOneof("payload") != expected:
+            raise PermanentEventError(f"payload is not {expected}", "UNEXPECTED_EVENT_TYPE")
+        if not envelope.event_id:
+            raise PermanentEventError("envelope has no event_id", "MALFORMED_EVENT")
+        if envelope.schema_version != SCHEMA_VERSION:
+            raise PermanentEventError(
+                f"unsupported schema_version {envelope.schema_version}", "UNSUPPORTED_SCHEMA"
+            )
+        return envelope
+
+    async def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        headers = [
+            *msg.headers,
+            ("dlq-reason", reason.encode()),
+            ("dlq-detail", detail.encode()[:512]),
+            ("dlq-source-topic", msg.topic.encode()),
+            ("dlq-source-partition", str(msg.partition).encode()),
+            ("dlq-source-offset", str(msg.offset).encode()),
+            ("dlq-consumer-group", self._group.encode()),
+        ]
+        # Retry the dead-letter write itself until it succeeds or we stop: committing the
+        # source offset without it would lose the message.
+        attempt = 0
+        while True:
+            try:
+                await self._publisher.publish(self._dlq, msg.value, key=msg.key, headers=headers)
+                break
+            except Exception:
+                attempt += 1
+                if self._stopping.is_set():
+                    raise
+                await asyncio.sleep(self._retry.delay(min(attempt, 6)))
+        metrics.DEAD_LETTERS.labels(self._service, msg.topic, reason).inc()
+        log.warning(
+            "event dead-lettered",
+            extra={"topic": msg.topic, "offset": msg.offset, "reason": reason},
+        )
+        trace.get_current_span().add_event("dead-lettered", {"reason": reason})

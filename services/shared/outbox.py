@@ -1,0 +1,75 @@
+"""Transactional-outbox-style publishing without transactions.
+
+A service that changes state and must announce it writes the envelope to its outbox
+collection (keyed by the deterministic event id), then publishes and marks it sent. If the
+bus is down, or the process dies in between, `flush` (run periodically in the background and
+at start-up) publishes what is left. Consumers dedupe on event id, so a second publication
+of the same event is harmless: at-least-once delivery, effectively-once effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from services.shared.errors import Unavailable
+from services.shared.events import EventEmitter
+from services.shared.ports.documents import Collection, DuplicateKey
+from tessera.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, collection: Collection, emitter: EventEmitter) -> None:
+        self._col = collection
+        self._emitter = emitter
+        self._stopping = asyncio.Event()
+
+    async def publish(self, topic: str, envelope: events_pb2.EventEnvelope) -> bool:
+        """Record then publish. True when the broker acknowledged; False when it is queued."""
+        with contextlib.suppress(DuplicateKey):
+            await self._col.insert(
+                {
+                    "_id": envelope.event_id,
+                    "topic": topic,
+                    "envelope": envelope.SerializeToString(),
+                    "sent": False,
+                }
+            )
+        try:
+            await self._emitter.emit(topic, envelope)
+        except Unavailable:
+            log.warning("bus unavailable; event left in outbox", extra={"topic": topic})
+            return False
+        await self._col.update({"_id": envelope.event_id}, set_fields={"sent": True})
+        return True
+
+    async def flush(self) -> int:
+        sent = 0
+        for doc in await self._col.find({"sent": False}, limit=500):
+            env = events_pb2.EventEnvelope()
+            env.ParseFromString(bytes(doc["envelope"]))
+            try:
+                await self._emitter.emit(doc["topic"], env)
+            except Unavailable:
+                break
+            await self._col.update({"_id": doc["_id"]}, set_fields={"sent": True})
+            sent += 1
+        return sent
+
+    async def run(self, interval_s: float = 2.0) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - keep trying; the store may be down
+                log.warning("outbox flush failed", extra={"reason": type(exc).__name__})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def ensure_indexes(self) -> None:
+        await self._col.ensure_index([("sent", 1)])

@@ -1,0 +1,115 @@
+"""Typed settings shared by every service (pydantic-settings).
+
+Every variable starts with `TESSERA_`; nested sections use `__`, for example
+`TESSERA_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9092` or `TESSERA_GRPC__PORT=50051`. Required values
+have no default, so a service started without them stops at once with a message naming them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str
+    client_id: str = "tessera"
+    partitions: int = Field(default=3, ge=1)
+
+
+class S3Settings(BaseModel):
+    endpoint: str
+    access_key: SecretStr
+    secret_key: SecretStr
+    secure: bool = False
+    region: str = "us-east-1"
+
+
+class MongoSettings(BaseModel):
+    uri: SecretStr
+    database: str = "tessera"
+
+
+class BucketSettings(BaseModel):
+    quarantine: str = "tessera-quarantine"
+    deidentified: str = "tessera-deidentified"
+    tiles: str = "tessera-tiles"
+    models: str = "tessera-models"
+    results: str = "tessera-results"
+
+
+class AuthSettings(BaseModel):
+    # PEM of the Ed25519 public key that verifies bearer tokens.
+    public_key_file: Path
+    issuer: str = "tessera"
+    audience: str = "tessera"
+    # This service's own token, used for service-to-service calls.
+    service_token_file: Path | None = None
+
+
+class GrpcSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    # Seconds in-flight calls get to finish after SIGTERM (keep below the pod's
+    # terminationGracePeriodSeconds).
+    drain_grace_s: float = Field(default=10.0, gt=0)
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+class MetricsSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+
+class TelemetrySettings(BaseModel):
+    # "none", "console" (JSON spans to stderr) or "file" (JSON lines to `spans_file`).
+    traces_exporter: str = "none"
+    spans_file: Path | None = None
+    log_level: str = "INFO"
+
+
+class Endpoints(BaseModel):
+    """gRPC addresses of the other services (host:port)."""
+
+    access: str = ""
+    metadata: str = ""
+    tiling: str = ""
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has; each service subclasses it with its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    site: str = Field(default="local", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
+    grpc: GrpcSettings
+    metrics: MetricsSettings
+    auth: AuthSettings
+    telemetry: TelemetrySettings = TelemetrySettings()
+    endpoints: Endpoints = Endpoints()
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class ConfigError(SystemExit):
+    """Raised at start-up when configuration is missing or invalid."""
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings from the environment, or exit with a message naming what is wrong."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            var = "TESSERA_" + "__".join(str(p).upper() for p in err["loc"])
+            lines.append(f"  {var}: {err['msg']}")
+        raise ConfigError(
+            f"{cls.__name__}: invalid or missing configuration:\n" + "\n".join(lines)
+        ) from None

@@ -1,0 +1,1 @@
+"""Whole-slide-image format handling: TIFF structure parsing/writing and format inspection."""

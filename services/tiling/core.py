@@ -1,0 +1,301 @@
+"""Tiling stage and tile reads. Transport-free: the Kafka handler, the gRPC servicer and the
+HTTP routes all call `TilingStage`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.shared.access import AccessChecker, Action
+from services.shared.auth import Principal
+from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.shared.events import TOPIC_SLIDE_TILED, event_id_for, new_envelope
+from services.shared.outbox import Outbox
+from services.shared.ports.documents import Collection
+from services.shared.ports.objects import ObjectStore
+from services.shared.tempfiles import scratch_dir
+from services.tiling.engine import (
+    DeepZoomBuilder,
+    DziError,
+    DziGeometry,
+    Tile,
+    dzi_object_keys,
+    make_thumbnail,
+    thumbnail_key,
+    tile_key,
+)
+from tessera.common.v1 import common_pb2
+from tessera.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+UPLOAD_CONCURRENCY = 16
+BATCH = 64
+
+
+class TileCache:
+    """LRU of encoded tiles bounded by total bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._size = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> bytes | None:
+        data = self._items.get(key)
+        if data is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._max // 8:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= len(old)
+        self._items[key] = data
+        self._size += len(data)
+        while self._size > self._max:
+            _, evicted = self._items.popitem(last=False)
+            self._size -= len(evicted)
+
+    def drop_prefix(self, prefix: str) -> None:
+        for key in [k for k in self._items if k.startswith(prefix)]:
+            self._size -= len(self._items.pop(key))
+
+
+@dataclass(frozen=True)
+class TileData:
+    data: bytes
+    content_type: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class PyramidView:
+    slide_id: str
+    descriptor_xml: str
+    geometry: DziGeometry
+
+
+class TilingStage:
+    def __init__(
+        self,
+        *,
+        objects: ObjectStore,
+        pyramids: Collection,
+        outbox: Outbox,
+        access: AccessChecker,
+        tiles_bucket: str,
+        work_dir: Path,
+        tile_size: int = 254,
+        overlap: int = 1,
+        cache_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self._objects = objects
+        self._pyramids = pyramids
+        self._outbox = outbox
+        self._access = access
+        self._bucket = tiles_bucket
+        self._work = work_dir
+        self._tile_size = tile_size
+        self._overlap = overlap
+        self.cache = TileCache(cache_bytes)
+        self._geometry: dict[str, tuple[str, DziGeometry]] = {}
+
+    async def ensure_ready(self) -> None:
+        await self._objects.ensure_bucket(self._bucket)
+
+    # -- building -------------------------------------------------------------------------
+
+    async def handle_deidentified(self, env: events_pb2.EventEnvelope) -> None:
+        slide_id = env.slide_id
+        doc = await self._pyramids.get(slide_id)
+        if doc is not None and doc.get("state") == "TILED":
+            await self._announce(doc)
+            return
+        src = env.slide_deidentified
+        with scratch_dir(self._work, "tile-") as tmp:
+            path = tmp / "slide"
+            await self._objects.download_file(src.bucket, src.key, path)
+            summary = await self._build(slide_id, path)
+            thumb = await asyncio.to_thread(make_thumbnail, path, 1024)
+        thumb_key = thumbnail_key(slide_id)
+        await self._objects.put_bytes(self._bucket, thumb_key, thumb, "image/jpeg")
+        descriptor_key, _ = dzi_object_keys(slide_id)
+        doc = {
+            "_id": slide_id,
+            "dataset_id": env.dataset_id,
+            "state": "TILED",
+            "bucket": self._bucket,
+            "descriptor_key": descriptor_key,
+            "thumbnail_key": thumb_key,
+            "tile_size": self._tile_size,
+            "overlap": self._overlap,
+            "tile_format": "jpeg",
+            "level_count": summary["level_count"],
+            "tile_count": summary["tile_count"],
+            "failed_tiles": summary["failed_tiles"],
+            "width": summary["width"],
+            "height": summary["height"],
+            "source_bucket": src.bucket,
+            "source_key": src.key,
+            "source_sha256": src.sha256,
+            "source_size": src.size_bytes,
+            "extension": src.key.rsplit(".", 1)[-1],
+            "geometry": {
+                "width": src.geometry.width,
+                "height": src.geometry.height,
+                "mpp_x": src.geometry.mpp_x,
+                "mpp_y": src.geometry.mpp_y,
+            },
+            "tiled_at": datetime.now(UTC),
+        }
+        await self._pyramids.update({"_id": slide_id}, set_fields=doc, upsert=True)
+        await self._announce(doc)
+        log.info("slide tiled", extra={"slide_id": slide_id, "count": summary["tile_count"]})
+
+    async def _build(self, slide_id: str, path: Path) -> dict[str, Any]:
+        builder = await asyncio.to_thread(
+            DeepZoomBuilder, path, tile_size=self._tile_size, overlap=self._overlap
+        )
+        try:
+            batches: Iterator[list[Tile]] = builder.iter_batches(BATCH)
+            sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+            content_type = builder.content_type
+
+            async def upload(tile: Tile) -> None:
+                async with sem:
+                    key = tile_key(slide_id, tile.level, tile.col, tile.row, builder.format)
+                    await self._objects.put_bytes(self._bucket, key, tile.data, content_type)
+
+            count = 0
+            while True:
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                await asyncio.gather(*(upload(t) for t in batch))
+                count += len(batch)
+            descriptor_key, _ = dzi_object_keys(slide_id)
+            await self._objects.put_bytes(
+                self._bucket, descriptor_key, builder.descriptor().encode(), "application/xml"
+            )
+            failed = [f"{p.level}/{p.col}_{p.row}" for p in builder.failed_tiles()]
+            width, height = builder.geometry.width, builder.geometry.height
+            return {
+                "level_count": builder.level_count,
+                "tile_count": count,
+                "failed_tiles": failed,
+                "width": width,
+                "height": height,
+            }
+        finally:
+            await asyncio.to_thread(builder.close)
+
+    async def _announce(self, doc: dict[str, Any]) -> None:
+        g = doc["geometry"]
+        payload = events_pb2.SlideTiled(
+            pyramid=common_pb2.Pyramid(
+                bucket=doc["bucket"],
+                descriptor_key=doc["descriptor_key"],
+                tile_size=doc["tile_size"],
+                overlap=doc["overlap"],
+                tile_format=doc["tile_format"],
+                level_count=doc["level_count"],
+                thumbnail_key=doc["thumbnail_key"],
+                tile_count=doc["tile_count"],
+                failed_tiles=doc["failed_tiles"],
+            ),
+            geometry=common_pb2.SlideGeometry(
+                width=g["width"], height=g["height"], mpp_x=g["mpp_x"], mpp_y=g["mpp_y"]
+            ),
+        )
+        env = new_envelope(
+            payload_field="slide_tiled",
+            payload=payload,
+            slide_id=doc["_id"],
+            dataset_id=doc["dataset_id"],
+            event_id=event_id_for(doc["_id"], "tiled"),
+        )
+        await self._outbox.publish(TOPIC_SLIDE_TILED, env)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _pyramid(self, caller: Principal, slide_id: str, resource: str) -> dict[str, Any]:
+        if not slide_id or len(slide_id) > 128:
+            raise InvalidArgument("slide_id is required", "MISSING_FIELD")
+        doc = await self._pyramids.get(slide_id)
+        if doc is None:
+            raise NotFound("no pyramid for this slide (unknown, or not tiled yet)", "NOT_TILED")
+        await self._access.require(
+            caller.subject, Action.ACTION_READ_PIXELS, doc["dataset_id"], resource
+        )
+        return doc
+
+    async def _geometry_of(self, doc: dict[str, Any]) -> tuple[str, DziGeometry]:
+        cached = self._geometry.get(doc["_id"])
+        if cached is None:
+            xml = (await self._objects.get_bytes(doc["bucket"], doc["descriptor_key"])).decode()
+            cached = (xml, DziGeometry.from_descriptor(xml))
+            self._geometry[doc["_id"]] = cached
+        return cached
+
+    async def descriptor(self, caller: Principal, slide_id: str) -> PyramidView:
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/dzi")
+        xml, geom = await self._geometry_of(doc)
+        return PyramidView(slide_id, xml, geom)
+
+    async def tile(
+        self, caller: Principal, slide_id: str, level: int, col: int, row: int
+    ) -> TileData:
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/tile/{level}/{col}_{row}")
+        _, geom = await self._geometry_of(doc)
+        try:
+            geom.check(level, col, row)
+        except DziError as exc:
+            raise OutOfRange(str(exc), "TILE_OUT_OF_RANGE") from None
+        key = tile_key(slide_id, level, col, row, geom.format)
+        data = self.cache.get(key)
+        if data is None:
+            data = await self._objects.get_bytes(doc["bucket"], key)
+            self.cache.put(key, data)
+        return TileData(
+            data, geom.content_type, hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        )
+
+    async def thumbnail(self, caller: Principal, slide_id: str) -> TileData:
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/thumbnail")
+        data = await self._objects.get_bytes(doc["bucket"], doc["thumbnail_key"])
+        return TileData(data, "image/jpeg", hashlib.sha1(data, usedforsecurity=False).hexdigest())
+
+    async def download(
+        self, caller: Principal, slide_id: str, chunk: int = 2 * 1024 * 1024
+    ) -> tuple[dict[str, Any], AsyncIterator[tuple[int, bytes]]]:
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/file")
+        info = await self._objects.stat(doc["source_bucket"], doc["source_key"])
+        if info is None:
+            raise FailedPrecondition("the de-identified file is no longer stored", "ERASED")
+
+        async def chunks() -> AsyncIterator[tuple[int, bytes]]:
+            offset = 0
+            while offset < info.size:
+                n = min(chunk, info.size - offset)
+                data = await self._objects.get_range(
+                    doc["source_bucket"], doc["source_key"], offset, n
+                )
+                yield offset, data
+                offset += len(data)
+
+        return {**doc, "size": info.size}, chunks()
