@@ -64,6 +64,10 @@ SERVICES = (
     Svc("serving", 50056, 9466),
 )
 TILING_HTTP_PORT = 8180
+# For debugging one service at a time: TESSERA_DEVSTACK_ONLY=access,metadata
+_ONLY = {n for n in os.environ.get("TESSERA_DEVSTACK_ONLY", "").split(",") if n}
+if _ONLY:
+    SERVICES = tuple(s for s in SERVICES if s.name in _ONLY)
 
 
 def _write_secret(path: Path, data: bytes) -> None:

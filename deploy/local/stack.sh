@@ -487,9 +487,9 @@ Use another TESSERA_STACK_DIR for other ports, or delete $KAFKA_DIR to start fro
 
 start_kafka() {
   check_java_version
+  check_ports_free kafka
   write_kafka_config
   format_kafka_storage
-  check_ports_free kafka
   # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS is a list of JVM options
   launch kafka "$(java_bin)" $KAFKA_HEAP_OPTS -XX:+UseSerialGC -XX:MaxMetaspaceSize=256m \
     -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true \

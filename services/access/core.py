@@ -6,8 +6,8 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from services.shared.auth import Principal
 from services.shared.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied

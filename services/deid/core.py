@@ -152,7 +152,7 @@ class DeidStage:
 
     def _run(self, src: Path, dst: Path, fmt: SlideFormat) -> Any:
         report = deidentify(src, dst, fmt, self._pseudo, self._policy)
-        verify(dst, fmt, report.forbidden)
+        verify(dst, fmt, report.identifying_values)
         return report
 
     async def _reject(self, base: dict[str, Any], reason: str, detail: str) -> None:

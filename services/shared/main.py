@@ -14,7 +14,12 @@ def run_service(name: str, settings_cls: type[S], bootstrap: Callable[[S], Servi
     settings = load_settings(settings_cls)
     configure_logging(name, settings.telemetry.log_level)
     provider = configure_tracing(name, settings.telemetry)
+
+    async def serve() -> None:
+        # Built inside the running loop: gRPC aio channels and the async drivers bind to it.
+        await bootstrap(settings).run()
+
     try:
-        asyncio.run(bootstrap(settings).run())
+        asyncio.run(serve())
     finally:
         provider.shutdown()

@@ -138,6 +138,8 @@ def test_every_tile_present_decodes_and_has_the_right_size(rel: str) -> None:
                 image.load()
                 assert image.format == "JPEG"
                 assert image.mode == "RGB"
+                assert "icc_profile" not in image.info
+                assert "exif" not in image.info
                 assert image.size == expected_tile_size(level_w, level_h, col, row)
     assert set(pyramid.tiles) == expected_keys
     assert pyramid.tile_count == len(expected_keys)
@@ -188,7 +190,9 @@ def test_top_level_png_tiles_are_pixel_exact() -> None:
         with openslide.OpenSlide(str(path)) as slide:
             for level, col, row, data in builder.iter_tiles([top]):
                 x, y, w, h = builder.geometry.tile_bounds(level, col, row)
-                tile = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                png = Image.open(io.BytesIO(data))
+                assert "icc_profile" not in png.info
+                tile = np.asarray(png.convert("RGB"))
                 ref = np.asarray(slide.read_region((x, y), 0, (w, h)).convert("RGB"))
                 assert np.array_equal(tile, ref), (col, row)
         assert builder.content_type == "image/png"
@@ -207,6 +211,42 @@ def test_corrupt_source_gives_placeholders_not_a_crash(tmp_path: Path) -> None:
     summary = build_dzi_to_directory(path, tmp_path / "out")
     assert len(summary.failed_tiles) == summary.tile_count
     assert (tmp_path / "out" / "slide.dzi").is_file()
+
+
+def test_one_corrupt_source_tile_only_spoils_its_area(tmp_path: Path) -> None:
+    import shutil
+
+    import tifffile
+
+    path = tmp_path / "partly-corrupt.svs"
+    shutil.copyfile(slide_path("aperio/CMU-1-Small-Region.svs"), path)
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        assert page.tilewidth == 240
+        across = -(-page.imagewidth // page.tilewidth)
+        index = 5 * across + 4  # source tile covering x 960..1199, y 1200..1439
+        offset = page.dataoffsets[index]
+    with path.open("r+b") as handle:
+        handle.seek(offset + 200)
+        handle.write(b"\xff\xd9" * 50)
+
+    with DeepZoomBuilder(path) as builder:
+        top = builder.level_count - 1
+        tiles = list(builder.iter_tiles())
+        failed = set(builder.failed_tiles())
+        for tile in tiles:
+            image = Image.open(io.BytesIO(tile.data))
+            image.load()
+            assert image.size == builder.geometry.tile_size_at(tile.level, tile.col, tile.row)
+    assert {p for p in failed if p.level == top} == {
+        (top, 3, 4), (top, 4, 4), (top, 3, 5), (top, 4, 5)
+    }
+    assert len(failed) < len(tiles) // 4
+    thumbnail = Image.open(io.BytesIO(make_thumbnail(path)))
+    assert max(thumbnail.size) == 1024
+    rgb = read_low_res_rgb(path, 1024)
+    assert max(rgb.shape[:2]) == 1024
+    assert (rgb == 224).all(axis=2).any()  # the unreadable area is grey
 
 
 def test_build_to_directory_writes_the_dzi_layout(tmp_path: Path) -> None:
@@ -332,3 +372,15 @@ def test_object_keys_and_tile_paths() -> None:
         geometry.parse_tile_path("10/0_0.png")
     with pytest.raises(TileOutOfRangeError):
         geometry.parse_tile_path("50/0_0.jpeg")
+
+
+def test_chunked_reads_match_single_reads() -> None:
+    from services.tiling.engine.slide import read_scaled
+
+    path = slide_path("aperio/CMU-1-Small-Region.svs")
+    with openslide.OpenSlide(str(path)) as slide:
+        src = (100.0, 200.0, 1600.0, 1200.0)
+        whole = np.asarray(read_scaled(slide, 0, src, (400, 300)), dtype=np.int16)
+        chunked = np.asarray(read_scaled(slide, 0, src, (400, 300), budget=40_000), dtype=np.int16)
+    assert whole.shape == chunked.shape == (300, 400, 3)
+    assert float(np.abs(whole - chunked).mean()) < 3.0

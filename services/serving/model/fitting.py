@@ -110,9 +110,14 @@ def otsu_threshold(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> tuple[floa
     between[~np.isfinite(between)] = -1.0
     between[-1] = -1.0  # the last split leaves class 1 empty
     best = int(np.argmax(between))
-    if between[best] <= 0:
+    peak = float(between[best])
+    if peak <= 0:
         raise CalibrationError("calibration data has a single class")
-    return float(edges[best + 1]), float(between[best])
+    # Across empty bins the criterion is flat; take the middle of the flat run, not its start.
+    last = best
+    while last + 1 < len(between) and between[last + 1] >= peak * (1 - 1e-12):
+        last += 1
+    return float((edges[best + 1] + edges[last + 1]) / 2.0), peak
 
 
 def _fisher_direction(features: np.ndarray, labels: np.ndarray) -> np.ndarray:

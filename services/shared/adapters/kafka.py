@@ -89,8 +89,8 @@ class KafkaBus(MessageBus):
         if not wanted:
             return
         admin = self.admin_client()
-        await admin.start()
         try:
+            await admin.start()
             existing = set(await admin.list_topics())
             missing = [t for t in wanted if t not in existing]
             if missing:
@@ -150,7 +150,11 @@ class KafkaPublisher(Publisher):
             linger_ms=self._bus.linger_ms,
             request_timeout_ms=self._bus.request_timeout_ms,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # release the half-open client (else: "Unclosed" warning)
+            raise
         self._producer = producer
 
     async def stop(self) -> None:
@@ -221,7 +225,11 @@ class KafkaSubscription(Subscription):
             max_poll_interval_ms=self._bus.max_poll_interval_ms,
         )
         consumer.subscribe(topics=list(self.topics), listener=_Listener(self))
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
         self._consumer = consumer
 
     async def stop(self) -> None:

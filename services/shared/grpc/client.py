@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 from grpc import aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
@@ -28,21 +27,9 @@ _RETRY_CONFIG = json.dumps(
 )
 
 
-class _BearerAuth(grpc.AuthMetadataPlugin):
-    def __init__(self, token: Callable[[], str]) -> None:
-        self._token = token
-
-    def __call__(self, context: Any, callback: Any) -> None:
-        callback((("authorization", f"Bearer {self._token()}"),), None)
-
-
-class _BearerInterceptor(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-    aio.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <token>` to every call on an insecure channel."""
+class _Bearer:
+    """Adds `authorization: Bearer <token>` to every call. grpc.aio files an interceptor under
+    one call type only, so there is one subclass per type."""
 
     def __init__(self, token: Callable[[], str]) -> None:
         self._token = token
@@ -54,24 +41,33 @@ class _BearerInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _BearerUU(_Bearer, aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _BearerUS(_Bearer, aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _BearerSU(_Bearer, aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _BearerSS(_Bearer, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 
 def open_channel(target: str, token: Callable[[], str] | None = None) -> aio.Channel:
     """An insecure (loopback / in-mesh) channel that sends the bearer token on every call."""
-    interceptors: list[Any] = list(aio_client_interceptors())
+    interceptors: list[Any] = []
     if token is not None:
-        interceptors.append(_BearerInterceptor(token))
+        interceptors += [_BearerUU(token), _BearerUS(token), _BearerSU(token), _BearerSS(token)]
+    interceptors.extend(aio_client_interceptors())
     return aio.insecure_channel(
         target,
         interceptors=interceptors,

@@ -215,15 +215,18 @@ def classify_tiff(st: TiffStructure, ext: str = "") -> SlideFormat:
         return SlideFormat.VENTANA_BIF
     if "PerkinElmer-QPI" in desc or software.startswith("PerkinElmer-QPI"):
         return SlideFormat.QPTIFF
-    if "<OME" in desc or "OME-XML" in desc:
+    if ext == ".vsi" or 33560 in ifd0 or 33471 in ifd0:
+        return SlideFormat.OLYMPUS_VSI
+    if _OME_XML.search(desc):
         return SlideFormat.OME_TIFF
     if "leica-microsystems.com/scn" in desc:
         return SlideFormat.LEICA_SCN
     if "DPUfsImport" in desc or software.startswith("Philips"):
         return SlideFormat.PHILIPS_TIFF
-    if ext == ".vsi" or 33560 in ifd0 or 33471 in ifd0:
-        return SlideFormat.OLYMPUS_VSI
     return SlideFormat.GENERIC_TIFF
+
+
+_OME_XML = re.compile(r"<(?:\w+:)?OME[\s>]")
 
 
 def _sniff_dicom_head(head: bytes) -> SlideFormat:
@@ -444,7 +447,7 @@ def tiff_mpp(ifd: TiffIfd) -> tuple[float | None, float | None]:
             res = tag.floats()[0] if tag is not None else None
         except (TiffError, IndexError):
             res = None
-        out.append(per_unit_um / res if res and res > 0 and res == res else None)
+        out.append(round(per_unit_um / res, 9) if res and res > 0 and res == res else None)
     return out[0], out[1]
 
 
@@ -583,7 +586,7 @@ def dicom_pixel_spacing_um(ds: Any) -> tuple[float | None, float | None]:
             spacing = ds.get("PixelSpacing")
         if spacing is None or len(spacing) != 2:
             return None, None
-        return float(spacing[1]) * 1000.0, float(spacing[0]) * 1000.0
+        return round(float(spacing[1]) * 1000.0, 9), round(float(spacing[0]) * 1000.0, 9)
     except (TypeError, ValueError, AttributeError, IndexError):
         return None, None
 

@@ -1,7 +1,8 @@
 """Deep Zoom pyramid generation from a local slide file.
 
-:class:`DeepZoomBuilder` renders tiles one at a time straight from the best OpenSlide level, so
-memory stays bounded (one tile plus OpenSlide's cache) whatever the slide size. It is plain
+:class:`DeepZoomBuilder` renders the large levels tile by tile straight from the best OpenSlide
+level and the small levels (<= 4 Mpx) from one cached read, so memory stays bounded (one tile,
+~16 MB of small levels and OpenSlide's tile cache) whatever the slide size. It is plain
 synchronous CPU work; an asyncio caller pulls batches off the event loop, e.g.::
 
     with DeepZoomBuilder(path) as builder:
@@ -9,13 +10,13 @@ synchronous CPU work; an asyncio caller pulls batches off the event loop, e.g.::
         while (batch := await loop.run_in_executor(pool, next, batches, None)) is not None:
             await asyncio.gather(*(upload(tile) for tile in batch))
 
-A builder must be advanced by one thread at a time (sequential calls from different threads
-are fine). For a process pool, pass the path and parameters (see :func:`build_dzi_to_directory`).
+Rendering is serialised by an internal lock, so a builder may be shared between threads
+(concurrency comes from running several builders). For a process pool, pass the path and
+parameters (see :func:`build_dzi_to_directory`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -29,16 +30,18 @@ from PIL import Image
 from .geometry import DziGeometry, tile_relative_path
 from .slide import (
     RGB,
+    UNREADABLE_COLOUR,
     PathLike,
-    SlideReadError,
+    Rect,
+    SlideHandle,
     background_colour,
     encode_jpeg,
     encode_png,
-    open_slide,
     read_scaled,
+    read_scaled_tolerant,
 )
 
-PLACEHOLDER_COLOUR: Final = (224, 224, 224)
+PLACEHOLDER_COLOUR: Final = UNREADABLE_COLOUR
 # OpenSlide level downsamples are often slightly above powers of two (rounded level sizes):
 # accept a level up to 1% coarser than asked rather than falling back to a 2x larger one.
 _DOWNSAMPLE_TOLERANCE: Final = 0.01
@@ -65,9 +68,10 @@ class TilePosition(NamedTuple):
 class DeepZoomBuilder:
     """Deep Zoom pyramid of one slide file (any format OpenSlide opens).
 
-    Tiles that cannot be read (corrupt source data) are replaced by a flat grey placeholder of
-    the right size and recorded in :meth:`failed_tiles`; the slide handle is reopened so later
-    tiles are unaffected.
+    A tile whose source pixels cannot be decoded (corrupt source tile) is still emitted, with
+    the unreadable part (or, at the large levels, the whole tile) in flat grey, and recorded in
+    :meth:`failed_tiles`. The slide is reopened after each failure, so later tiles are
+    unaffected.
     """
 
     def __init__(
@@ -85,25 +89,25 @@ class DeepZoomBuilder:
         decode source tiles twice), within 32..192 MiB."""
         if not 1 <= jpeg_quality <= 95:
             raise ValueError("jpeg_quality must be within 1..95")
-        self._path = os.fspath(path)
-        self._slide = open_slide(self._path)
+        self._handle = SlideHandle(path)
         self._lock = threading.RLock()
         try:
-            width, height = self._slide.dimensions
+            slide = self._handle.slide
+            width, height = slide.dimensions
             self.geometry = DziGeometry(width, height, tile_size, overlap, fmt)
             if cache_bytes is None:
-                cache_bytes = _default_cache_bytes(self._slide, tile_size, overlap)
-            self._cache = openslide.OpenSlideCache(cache_bytes)
-            self._slide.set_cache(self._cache)
+                cache_bytes = _default_cache_bytes(slide, tile_size, overlap)
+            self._handle.close()
+            self._handle = SlideHandle(path, openslide.OpenSlideCache(cache_bytes))
+            self._background: RGB = background_colour(self._handle.slide)
         except Exception:
-            self._slide.close()
+            self._handle.close()
             raise
         self._quality = jpeg_quality
-        self._background: RGB = background_colour(self._slide)
         self._failed: list[TilePosition] = []
         self._placeholders: dict[tuple[int, int], bytes] = {}
-        self._level_cache: dict[int, Image.Image] = {}
-        self._uncacheable: set[int] = set()
+        # level -> (whole level image, unreadable rectangles in level pixels)
+        self._level_cache: dict[int, tuple[Image.Image, list[Rect]]] = {}
         self._closed = False
 
     # ------------------------------------------------------------- lifecycle
@@ -112,7 +116,7 @@ class DeepZoomBuilder:
             if not self._closed:
                 self._closed = True
                 self._level_cache.clear()
-                self._slide.close()
+                self._handle.close()
 
     def __enter__(self) -> DeepZoomBuilder:
         return self
@@ -149,13 +153,13 @@ class DeepZoomBuilder:
         return self.geometry.to_descriptor()
 
     def failed_tiles(self) -> list[TilePosition]:
-        """Tiles rendered as placeholders because the source could not be read (so far)."""
+        """Tiles (so far) that contain placeholder pixels because the source was unreadable."""
         return list(self._failed)
 
     # ---------------------------------------------------------------- tiles
     def iter_tiles(self, levels: Iterable[int] | None = None) -> Iterator[Tile]:
         """Yield every tile of the given levels (default: all, smallest level first), row by
-        row. Only the tile being yielded is held in memory."""
+        row. Only the tile being yielded (plus the small-level cache) is held in memory."""
         selected = range(self.level_count) if levels is None else list(levels)
         for level in selected:
             cols, rows = self.geometry.tile_grid(level)
@@ -181,75 +185,64 @@ class DeepZoomBuilder:
     def render_tile(self, level: int, col: int, row: int) -> bytes:
         """Encoded bytes of one tile (raises :class:`TileOutOfRangeError` if it does not exist)."""
         x, y, w, h = self.geometry.tile_bounds(level, col, row)
-        whole = self._small_level_image(level)
-        if whole is not None:
-            return self._encode(whole.crop((x, y, x + w, y + h)))
-        try:
-            image = self._read(level, (x, y, w, h))
-        except openslide.OpenSlideError:
-            self._record_failure(TilePosition(level, col, row))
-            return self._placeholder(w, h)
+        with self._lock:
+            if self._closed:
+                raise ValueError("builder is closed")
+            cached = self._small_level(level)
+            if cached is not None:
+                whole, bad = cached
+                if any(_intersects((x, y, w, h), rect) for rect in bad):
+                    self._failed.append(TilePosition(level, col, row))
+                return self._encode(whole.crop((x, y, x + w, y + h)))
+            try:
+                image = self._read(level, (x, y, w, h))
+            except openslide.OpenSlideError:
+                self._failed.append(TilePosition(level, col, row))
+                self._handle.reopen()
+                return self._placeholder(w, h)
         return self._encode(image)
 
     # ------------------------------------------------------------- internals
-    def _read(self, level: int, rect: tuple[int, int, int, int]) -> Image.Image:
-        """Read a rectangle of Deep Zoom level ``level`` from the best OpenSlide level."""
+    def _source(self, level: int, rect: Rect) -> tuple[int, tuple[float, float, float, float]]:
+        """Best OpenSlide level for Deep Zoom ``level`` and ``rect`` in its pixel space."""
         x, y, w, h = rect
         downsample = float(self.geometry.level_downsample(level))
-        slide = self._slide
-        source_level = _best_level(slide.level_downsamples, downsample)
-        relative = downsample / slide.level_downsamples[source_level]
-        src = (x * relative, y * relative, w * relative, h * relative)
-        return read_scaled(slide, source_level, src, (w, h), self._background)
+        downsamples = self._handle.slide.level_downsamples
+        source_level = _best_level(downsamples, downsample)
+        relative = downsample / downsamples[source_level]
+        return source_level, (x * relative, y * relative, w * relative, h * relative)
 
-    def _small_level_image(self, level: int) -> Image.Image | None:
-        """Whole image of a small Deep Zoom level (<= SMALL_LEVEL_PIXELS), cached.
+    def _read(self, level: int, rect: Rect) -> Image.Image:
+        source_level, src = self._source(level, rect)
+        return read_scaled(self._handle.slide, source_level, src, (rect[2], rect[3]),
+                           self._background)
 
-        The largest small level is read from the slide once; each smaller one is a 2x box
-        reduction of the level above, so the low levels cost one read instead of one read of
-        the whole slide per level. None when the level is large or its read failed (the caller
-        then reads tile by tile, so a corrupt source region only spoils its own tiles)."""
-        with self._lock:
-            cached = self._level_cache.get(level)
-            if cached is not None or level in self._uncacheable:
-                return cached
-            w, h = self.geometry.level_size(level)
-            if w * h > SMALL_LEVEL_PIXELS:
-                return None
-            parent = None
-            if level < self.geometry.max_level:
-                parent = self._small_level_image(level + 1)
-            if parent is not None:
-                image = parent.reduce(2)
-                if image.size != (w, h):  # ceil halving always matches; stay safe anyway
-                    image = parent.resize((w, h), Image.Resampling.BOX)
-            else:
-                try:
-                    image = self._read(level, (0, 0, w, h))
-                except openslide.OpenSlideError:
-                    self._uncacheable.add(level)
-                    self._reopen()
-                    return None
-            self._level_cache[level] = image
-            return image
-
-    def _record_failure(self, position: TilePosition) -> None:
-        self._failed.append(position)
-        self._reopen()
-
-    def _reopen(self) -> None:
-        # An OpenSlide handle stays in an error state after a failed read: reopen it.
-        with self._lock:
-            if self._closed:
-                return
-            old = self._slide
-            try:
-                self._slide = open_slide(self._path)
-                self._slide.set_cache(self._cache)
-            except ValueError as exc:
-                raise SlideReadError(f"slide cannot be reopened after an error: {exc}") from None
-            finally:
-                old.close()
+    def _small_level(self, level: int) -> tuple[Image.Image, list[Rect]] | None:
+        """Whole image of a small Deep Zoom level (<= SMALL_LEVEL_PIXELS) and its unreadable
+        rectangles, cached. The largest small level is read from the slide once (piece by piece
+        if it holds corrupt data); each smaller one is a 2x box reduction of the level above.
+        So the low levels cost one read in total, and a corrupt source tile only greys its own
+        area. None for large levels (rendered tile by tile)."""
+        cached = self._level_cache.get(level)
+        if cached is not None:
+            return cached
+        w, h = self.geometry.level_size(level)
+        if w * h > SMALL_LEVEL_PIXELS:
+            return None
+        parent = self._small_level(level + 1) if level < self.geometry.max_level else None
+        if parent is not None:
+            parent_image, parent_bad = parent
+            image = parent_image.reduce(2)
+            if image.size != (w, h):  # ceil halving always matches; stay safe anyway
+                image = parent_image.resize((w, h), Image.Resampling.BOX)
+            bad = [_halve(rect) for rect in parent_bad]
+        else:
+            source_level, src = self._source(level, (0, 0, w, h))
+            image, bad = read_scaled_tolerant(
+                self._handle, source_level, src, (w, h), self._background, piece=128
+            )
+        self._level_cache[level] = (image, bad)
+        return image, bad
 
     def _encode(self, image: Image.Image) -> bytes:
         if self.geometry.format == "png":
@@ -263,6 +256,16 @@ class DeepZoomBuilder:
             if len(self._placeholders) < 64:
                 self._placeholders[(w, h)] = cached
         return cached
+
+
+def _intersects(a: Rect, b: Rect) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _halve(rect: Rect) -> Rect:
+    x, y, w, h = rect
+    x0, y0 = x // 2, y // 2
+    return x0, y0, -(-(x + w) // 2) - x0, -(-(y + h) // 2) - y0
 
 
 def _default_cache_bytes(slide: openslide.OpenSlide, tile_size: int, overlap: int) -> int:

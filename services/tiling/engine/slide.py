@@ -22,6 +22,8 @@ WHITE: Final = (255, 255, 255)
 # Largest region (in source pixels) read from OpenSlide in one call: 16 Mpx = 64 MB RGBA.
 READ_BUDGET_PIXELS: Final = 16 * 1024 * 1024
 _MAX_OUTPUT_SIDE: Final = 16384
+UNREADABLE_COLOUR: Final = (224, 224, 224)
+_TOLERANT_PIECE: Final = 64  # output pixels per side of a piece in the corrupt-slide fallback
 _HEX_COLOUR_RE: Final = re.compile(r"[0-9A-Fa-f]{6}")
 _VENDOR_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -179,11 +181,7 @@ def low_res_level(slide: openslide.OpenSlide, max_side: int) -> int:
     return max(candidates) if candidates else 0
 
 
-def read_low_res(
-    slide: openslide.OpenSlide, max_side: int = 2048, background: RGB = WHITE
-) -> Image.Image:
-    """Whole slide as RGB with its longer side at most ``max_side`` (never upscaled), read
-    from the smallest level at or above that size and composited on ``background``."""
+def _low_res_plan(slide: openslide.OpenSlide, max_side: int) -> tuple[int, int, int]:
     if not isinstance(max_side, int) or not 1 <= max_side <= _MAX_OUTPUT_SIDE:
         raise ValueError(f"max_side must be within 1..{_MAX_OUTPUT_SIDE}")
     level = low_res_level(slide, max_side)
@@ -191,38 +189,128 @@ def read_low_res(
     scale = min(1.0, max_side / max(level_w, level_h))
     out_w = max(1, min(max_side, round(level_w * scale)))
     out_h = max(1, min(max_side, round(level_h * scale)))
+    return level, out_w, out_h
+
+
+def read_low_res(
+    slide: openslide.OpenSlide, max_side: int = 2048, background: RGB = WHITE
+) -> Image.Image:
+    """Whole slide as RGB with its longer side at most ``max_side`` (never upscaled), read
+    from the smallest level at or above that size and composited on ``background``.
+    Raises :class:`openslide.OpenSlideError` if any part cannot be decoded."""
+    level, out_w, out_h = _low_res_plan(slide, max_side)
+    level_w, level_h = slide.level_dimensions[level]
     return read_scaled(slide, level, (0.0, 0.0, float(level_w), float(level_h)),
                        (out_w, out_h), background)
 
 
+class SlideHandle:
+    """An OpenSlide handle that can be reopened: OpenSlide leaves a handle in a permanent
+    error state after a failed read, so tolerant readers reopen it and carry on."""
+
+    def __init__(self, path: PathLike, cache: openslide.OpenSlideCache | None = None) -> None:
+        self.path = os.fspath(path)
+        self._cache = cache
+        self.slide = open_slide(self.path)
+        if cache is not None:
+            self.slide.set_cache(cache)
+
+    def reopen(self) -> None:
+        old = self.slide
+        try:
+            self.slide = open_slide(self.path)
+            if self._cache is not None:
+                self.slide.set_cache(self._cache)
+        except SlideOpenError as exc:
+            raise SlideReadError(f"slide cannot be reopened after a read error: {exc}") from None
+        finally:
+            old.close()
+
+    def close(self) -> None:
+        self.slide.close()
+
+    def __enter__(self) -> SlideHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+Rect = tuple[int, int, int, int]
+
+
+def read_scaled_tolerant(
+    handle: SlideHandle,
+    level: int,
+    src: tuple[float, float, float, float],
+    out_size: tuple[int, int],
+    background: RGB = WHITE,
+    piece: int = 64,
+) -> tuple[Image.Image, list[Rect]]:
+    """:func:`read_scaled`, but if the region holds corrupt source data, read it again in
+    ``piece`` x ``piece`` output pieces (reopening the slide after each failure) and leave the
+    unreadable pieces :data:`UNREADABLE_COLOUR`. Returns the image and the unreadable
+    rectangles ``(x, y, w, h)`` in output pixels (empty when everything was read)."""
+    try:
+        return read_scaled(handle.slide, level, src, out_size, background), []
+    except openslide.OpenSlideError:
+        handle.reopen()
+    out_w, out_h = out_size
+    sx, sy, sw, sh = src
+    ratio_x, ratio_y = sw / out_w, sh / out_h
+    canvas = Image.new("RGB", out_size, UNREADABLE_COLOUR)
+    bad: list[Rect] = []
+    for oy in range(0, out_h, piece):
+        oh = min(piece, out_h - oy)
+        for ox in range(0, out_w, piece):
+            ow = min(piece, out_w - ox)
+            part = (sx + ox * ratio_x, sy + oy * ratio_y, ow * ratio_x, oh * ratio_y)
+            try:
+                image = read_scaled(handle.slide, level, part, (ow, oh), background)
+            except openslide.OpenSlideError:
+                bad.append((ox, oy, ow, oh))
+                handle.reopen()
+                continue
+            canvas.paste(image, (ox, oy))
+    return canvas, bad
+
+
+def _read_low_res_tolerant(path: PathLike, max_side: int, background: RGB) -> Image.Image:
+    with SlideHandle(path) as handle:
+        level, out_w, out_h = _low_res_plan(handle.slide, max_side)
+        level_w, level_h = handle.slide.level_dimensions[level]
+        image, bad = read_scaled_tolerant(
+            handle, level, (0.0, 0.0, float(level_w), float(level_h)), (out_w, out_h), background
+        )
+    if sum(w * h for _, _, w, h in bad) >= out_w * out_h:
+        raise SlideReadError("cannot read slide pixels: every region is corrupt")
+    return image
+
+
 def read_low_res_rgb(path: PathLike, max_side: int = 2048) -> np.ndarray:
     """uint8 array H x W x 3 of the whole slide, longer side <= ``max_side``, transparent
-    regions composited on white. This is the tissue model's input."""
-    with open_slide(path) as slide:
-        try:
-            image = read_low_res(slide, max_side, WHITE)
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"cannot read slide pixels: {_scrub(str(exc), path)}") from None
-    return np.array(image, dtype=np.uint8)
+    regions composited on white. This is the tissue model's input. Corrupt regions come out
+    grey; :class:`SlideReadError` if no region is readable."""
+    return np.array(_read_low_res_tolerant(path, max_side, WHITE), dtype=np.uint8)
 
 
+# Encoded images carry pixels only: no ICC profile (OpenSlide attaches the slide's profile to
+# every region; 3 KB per tile, and JPEG and PNG would otherwise differ), no EXIF, no text.
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    image.save(buffer, format="JPEG", quality=quality, icc_profile=None)
     return buffer.getvalue()
 
 
 def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
+    image.save(buffer, format="PNG", compress_level=6, icc_profile=None)
     return buffer.getvalue()
 
 
 def make_thumbnail(path: PathLike, max_size: int = 1024, quality: int = 90) -> bytes:
-    """JPEG thumbnail of the whole slide, longer side <= ``max_size``."""
+    """JPEG thumbnail of the whole slide, longer side <= ``max_size``. Corrupt regions come
+    out grey; :class:`SlideReadError` if no region is readable."""
     with open_slide(path) as slide:
-        try:
-            image = read_low_res(slide, max_size, background_colour(slide))
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"cannot read slide pixels: {_scrub(str(exc), path)}") from None
-    return encode_jpeg(image, quality)
+        background = background_colour(slide)
+    return encode_jpeg(_read_low_res_tolerant(path, max_size, background), quality)

@@ -1,0 +1,185 @@
+"""Aperio SVS rules: associated images and the ImageDescription key/value fields.
+
+An Aperio description looks like::
+
+    Aperio Image Library v11.2.1 \\r\\n
+    46000x32914 [42673,5576 2220x2967] (240x240) JPEG/RGB Q=30;...|AppMag = 20|MPP = 0.4990|...
+
+The header line is kept (OpenSlide recognises Aperio by the "Aperio" prefix), the geometry
+summary is kept when every token of it is a known geometry/compression token, and each
+``key = value`` field is kept, removed, or - when no rule knows the key - the slide is rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.deid.engine.model import (
+    AMBIGUOUS_ASSOCIATED_IMAGE,
+    UNEXPECTED_SVS_VALUE,
+    UNKNOWN_SVS_FIELD,
+    DeidPolicy,
+    DeidRejected,
+    Tally,
+)
+from services.deid.engine.tiff_common import FormatTagRules, aspect_matches
+from services.shared.wsi import tiff
+from services.shared.wsi.sniff import svs_associated_kind
+from services.shared.wsi.tiff import OutTag, TiffIfd, TiffStructure, TiffTag
+
+_NUMBER = re.compile(r"^[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?$")
+_ICC_NAME = re.compile(r"^[A-Za-z0-9 .,()_/+\-]{0,128}$")
+
+# Fields kept verbatim once their value passes the validator.
+SVS_KEEP: dict[str, re.Pattern[str]] = {
+    **{k: _NUMBER for k in (
+        "AppMag", "MPP", "StripeWidth", "OriginalWidth", "OriginalHeight", "Originalheight",
+        "Left", "Top", "LineCameraSkew", "LineAreaXOffset", "LineAreaYOffset", "Focus Offset",
+        "Exposure Time", "Exposure Scale", "Filtered", "DisplayColor",
+    )},
+    "ICC Profile": _ICC_NAME,
+}
+# Fields removed because they identify the slide, patient, operator, scanner or time.
+SVS_REMOVE_IDENTIFYING = frozenset({
+    "Filename", "Date", "Time", "Time Zone", "User", "ScanScope ID", "ImageID", "Barcode",
+    "Rack", "Slide", "DSR ID",
+})
+# Fields removed because they are free text or not needed (not identifying by themselves).
+SVS_REMOVE_OTHER = frozenset({"Parmset", "SessionMode"})
+
+_HEADER = re.compile(r"^Aperio(?: [A-Za-z0-9.\-_]+)*\s*$")
+_SUMMARY = re.compile(
+    r"(?:\s+|;|->|-|Aperio(?: [A-Za-z]+)* v\d+(?:\.\d+)*|\d+x\d+\]?|\[\d+,\d+|\(\d+x\d+\)"
+    r"|[A-Z0-9]{2,8}(?:/[A-Z0-9]{2,8})?|[QR]=\d+)*"
+)
+
+
+@dataclass(frozen=True)
+class AperioDescription:
+    header: str
+    newline: str
+    summary: str
+    fields: tuple[tuple[str, str], ...]
+
+    def render(self) -> str:
+        parts = [self.summary, *(f"{k} = {v}" for k, v in self.fields)]
+        return self.header + self.newline + "|".join(parts)
+
+
+def parse_description(text: str) -> AperioDescription:
+    """Split an Aperio description into header, summary and fields (structure only)."""
+    nl_at = text.find("\n")
+    if nl_at < 0:
+        header, newline, rest = text, "", ""
+    else:
+        header = text[:nl_at]
+        newline = "\n"
+        if header.endswith("\r"):
+            header, newline = header[:-1], "\r\n"
+        rest = text[nl_at + 1:]
+    pieces = rest.split("|") if rest else [""]
+    fields: list[tuple[str, str]] = []
+    for piece in pieces[1:]:
+        if "=" not in piece:
+            raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription field without '='")
+        key, value = piece.split("=", 1)
+        fields.append((key.strip(), value.strip()))
+    return AperioDescription(header, newline, pieces[0], tuple(fields))
+
+
+def clean_description(text: str, tally: Tally) -> str:
+    desc = parse_description(text)
+    if not _HEADER.match(desc.header):
+        raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription header line")
+    if not _SUMMARY.fullmatch(desc.summary):
+        raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription geometry summary")
+    kept: list[tuple[str, str]] = []
+    for key, value in desc.fields:
+        if key in SVS_KEEP:
+            if not SVS_KEEP[key].match(value):
+                raise DeidRejected(UNEXPECTED_SVS_VALUE, f"ImageDescription field {key!r}")
+            kept.append((key, value))
+        elif key in SVS_REMOVE_IDENTIFYING:
+            tally.remove(f"svs_field.{key}", value)
+        elif key in SVS_REMOVE_OTHER:
+            tally.remove(f"svs_field.{key}")
+        else:
+            raise DeidRejected(UNKNOWN_SVS_FIELD, f"ImageDescription field {_safe_key(key)!r}")
+    return AperioDescription(desc.header, desc.newline, desc.summary, tuple(kept)).render()
+
+
+def _safe_key(key: str) -> str:
+    """Keys are vendor vocabulary; still, never echo more than a short printable name."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in key)
+    return cleaned[:64]
+
+
+def verify_description(text: str) -> str | None:
+    """For the verifier: None when the description only holds safe content, else a reason."""
+    try:
+        desc = parse_description(text)
+    except DeidRejected:
+        return "malformed ImageDescription"
+    if not _HEADER.match(desc.header) or not _SUMMARY.fullmatch(desc.summary):
+        return "ImageDescription header or summary"
+    for key, value in desc.fields:
+        if key not in SVS_KEEP or not SVS_KEEP[key].match(value):
+            return f"ImageDescription field {_safe_key(key)!r}"
+    return None
+
+
+def _description_handler(tag: TiffTag, tally: Tally) -> OutTag | None:
+    if tag.dtype != tiff.ASCII:
+        raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription is not ASCII")
+    return OutTag.ascii(tiff.IMAGE_DESCRIPTION, clean_description(tag.text(), tally))
+
+
+RULES = FormatTagRules(special={tiff.IMAGE_DESCRIPTION: _description_handler})
+
+
+@dataclass(frozen=True)
+class Selection:
+    ifds: list[TiffIfd]  # kept, in file order
+    levels: list[TiffIfd]
+
+
+def select_ifds(st: TiffStructure, policy: DeidPolicy, tally: Tally) -> Selection:
+    """Keep every pyramid level (tiled IFDs), the thumbnail if it is certainly not the label,
+    drop label and macro (by description and by subfile type / position)."""
+    level0 = st.ifds[0]
+    if not level0.is_tiled or svs_associated_kind(level0) is not None:
+        raise DeidRejected(AMBIGUOUS_ASSOCIATED_IMAGE, "IFD 0 is not a tiled pyramid level")
+    kept: list[TiffIfd] = []
+    levels: list[TiffIfd] = []
+    for ifd in st.ifds:
+        kind = svs_associated_kind(ifd)
+        if ifd.is_tiled:
+            if kind is None:
+                kept.append(ifd)
+                levels.append(ifd)
+            elif aspect_matches(level0, ifd):
+                raise DeidRejected(AMBIGUOUS_ASSOCIATED_IMAGE,
+                                   f"IFD {ifd.index} is tiled like a level but marked {kind}")
+            else:
+                tally.remove(f"associated_image.{kind}")
+            continue
+        if kind is not None:
+            tally.remove(f"associated_image.{kind}")
+        elif (ifd.index == 1 and policy.keep_svs_thumbnail and aspect_matches(level0, ifd)
+              and not ifd.new_subfile_type & ~0x1):
+            kept.append(ifd)  # thumbnail
+        else:
+            tally.remove("associated_image.unidentified")
+    return Selection(kept, levels)
+
+
+def thumbnail_ok(ifds: Sequence[TiffIfd]) -> str | None:
+    """Verifier check: stripped IFDs may only be a thumbnail at position 1."""
+    for ifd in ifds:
+        if not ifd.is_tiled and (ifd.index != 1 or not aspect_matches(ifds[0], ifd)):
+            return f"IFD {ifd.index} is a stripped image that is not the thumbnail"
+        if svs_associated_kind(ifd) is not None:
+            return f"IFD {ifd.index} is marked as an associated image"
+    return None

@@ -1,0 +1,175 @@
+"""Public value types of the de-identification engine."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.shared.wsi.sniff import SlideFormat
+
+
+class DeidRejected(Exception):
+    """The slide cannot be de-identified safely; it stays in quarantine.
+
+    ``reason`` is a stable UPPER_SNAKE code, ``detail`` names the tag/key/attribute concerned
+    but never contains a value taken from the file.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# Stable reason codes (others are passed through from inspection, e.g. TRUNCATED_FILE).
+UNKNOWN_TIFF_TAG = "UNKNOWN_TIFF_TAG"
+UNEXPECTED_TAG_VALUE = "UNEXPECTED_TAG_VALUE"
+UNKNOWN_SVS_FIELD = "UNKNOWN_SVS_FIELD"
+UNEXPECTED_SVS_VALUE = "UNEXPECTED_SVS_VALUE"
+UNKNOWN_NDPI_IFD = "UNKNOWN_NDPI_IFD"
+UNKNOWN_NDPI_PROPERTY = "UNKNOWN_NDPI_PROPERTY"
+AMBIGUOUS_ASSOCIATED_IMAGE = "AMBIGUOUS_ASSOCIATED_IMAGE"
+UNEXPECTED_IFD = "UNEXPECTED_IFD"
+UNSUPPORTED_STRUCTURE = "UNSUPPORTED_STRUCTURE"
+UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+UNSUPPORTED_COMPRESSION = "UNSUPPORTED_COMPRESSION"
+MALFORMED_FILE = "MALFORMED_FILE"
+CORRUPT_IMAGE_DATA = "CORRUPT_IMAGE_DATA"
+ASSOCIATED_IMAGE_ONLY = "ASSOCIATED_IMAGE_ONLY"
+LABEL_IN_IMAGE = "LABEL_IN_IMAGE"
+BURNED_IN_ANNOTATION = "BURNED_IN_ANNOTATION"
+MISSING_IMAGE_TYPE = "MISSING_IMAGE_TYPE"
+UNSUPPORTED_IMAGE_TYPE = "UNSUPPORTED_IMAGE_TYPE"
+PSEUDONYM_TOO_LONG = "PSEUDONYM_TOO_LONG"
+VERIFICATION_FAILED = "VERIFICATION_FAILED"
+FORMAT_MISMATCH = "FORMAT_MISMATCH"
+
+
+@dataclass(frozen=True)
+class DeidPolicy:
+    """Knobs of the de-identification. Defaults are the strict, fail-closed behaviour."""
+
+    # Dates/times: "remove" drops them (or blanks/dummies them where DICOM requires a value).
+    date_policy: Literal["remove"] = "remove"
+    # Keys of the NDPI property map (tag 65449) that no rule knows: reject the slide, or drop
+    # the key (dropping never leaks; rejecting makes unknown scanner output visible).
+    ndpi_unknown_property: Literal["reject", "drop"] = "reject"
+    # DICOM Specimen Preparation Sequence: "empty" follows PS3.15 (Z); "filter" keeps coded
+    # and numeric steps, pseudonymises specimen identifiers and drops free text and dates.
+    dicom_specimen_preparation: Literal["empty", "filter"] = "empty"
+    # Keep the Aperio thumbnail (second IFD) when it is certainly not the label.
+    keep_svs_thumbnail: bool = True
+    # Streaming buffer for copying and scanning pixel data.
+    buffer_size: int = 8 << 20
+    # Identifying values shorter than this are not used for the byte-level search.
+    min_forbidden_length: int = 4
+
+    def __post_init__(self) -> None:
+        if self.date_policy != "remove":
+            raise ValueError("only date_policy='remove' is implemented")
+        if self.ndpi_unknown_property not in ("reject", "drop"):
+            raise ValueError("ndpi_unknown_property must be 'reject' or 'drop'")
+        if self.dicom_specimen_preparation not in ("empty", "filter"):
+            raise ValueError("dicom_specimen_preparation must be 'empty' or 'filter'")
+        if self.buffer_size < (64 << 10):
+            raise ValueError("buffer_size must be at least 64 KiB")
+
+
+@dataclass
+class DeidReport:
+    """What de-identification did. Counts name categories, never values.
+
+    ``identifying_values`` are the identifying byte strings seen in the input; they feed the
+    verifier's forbidden list and must stay in memory (never logged, never sent anywhere).
+    """
+
+    format: SlideFormat
+    width: int
+    height: int
+    level_dimensions: list[tuple[int, int]]
+    levels_kept: int
+    mpp_x: float | None
+    mpp_y: float | None
+    objective_power: float | None
+    removed: dict[str, int]
+    pseudonymized: dict[str, int]
+    output_size: int
+    identifying_values: list[bytes] = field(default_factory=list, repr=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Everything except the identifying values (safe for events, logs and metrics)."""
+        return {
+            "format": self.format.value,
+            "width": self.width,
+            "height": self.height,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "levels_kept": self.levels_kept,
+            "mpp_x": self.mpp_x,
+            "mpp_y": self.mpp_y,
+            "objective_power": self.objective_power,
+            "removed": dict(self.removed),
+            "pseudonymized": dict(self.pseudonymized),
+            "output_size": self.output_size,
+        }
+
+
+class Tally:
+    """Collects category counts and identifying values while a slide is processed."""
+
+    def __init__(self, min_length: int) -> None:
+        self.removed: Counter[str] = Counter()
+        self.pseudonymized: Counter[str] = Counter()
+        self._values: dict[bytes, None] = {}
+        self._min = min_length
+
+    def remove(self, category: str, *identifying: object) -> None:
+        self.removed[category] += 1
+        self.identifying(*identifying)
+
+    def pseudonymize(self, category: str, *identifying: object) -> None:
+        self.pseudonymized[category] += 1
+        self.identifying(*identifying)
+
+    def identifying(self, *values: object) -> None:
+        for value in values:
+            for text in _texts(value):
+                self._add(text)
+
+    def _add(self, text: str) -> None:
+        text = unicodedata.normalize("NFC", text).strip().strip("\x00").strip()
+        if len(text) < self._min or not any(ch.isalnum() for ch in text):
+            return
+        self._values[text.encode("utf-8")] = None
+        # person names: also the separate components (Family^Given^...)
+        if "^" in text:
+            for part in text.split("^"):
+                part = part.strip()
+                if len(part) >= self._min:
+                    self._values[part.encode("utf-8")] = None
+
+    @property
+    def values(self) -> list[bytes]:
+        return list(self._values)
+
+
+def _texts(value: object) -> Iterable[str]:
+    if value is None:
+        return
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value).rstrip(b"\x00")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield raw.decode("latin-1")
+        return
+    if isinstance(value, str):
+        yield value
+        return
+    if isinstance(value, list | tuple):
+        for v in value:
+            yield from _texts(v)
+        return
+    yield str(value)

@@ -1,0 +1,252 @@
+"""Tag rules shared by the TIFF-based formats and the TIFF rewrite driver.
+
+Every tag of every kept IFD goes through exactly one rule: kept (after type/count checks),
+removed (counted, and its value remembered as identifying where it is), handled by a
+format-specific rule, or - for anything no rule knows - the slide is rejected with
+``UNKNOWN_TIFF_TAG`` (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.deid.engine.model import (
+    CORRUPT_IMAGE_DATA,
+    MALFORMED_FILE,
+    UNEXPECTED_TAG_VALUE,
+    UNKNOWN_TIFF_TAG,
+    UNSUPPORTED_COMPRESSION,
+    UNSUPPORTED_STRUCTURE,
+    DeidPolicy,
+    DeidRejected,
+    Tally,
+)
+from services.shared.wsi import tiff
+from services.shared.wsi.sniff import TIFF_COMPRESSIONS
+from services.shared.wsi.tiff import (
+    OutIfd,
+    OutTag,
+    TiffError,
+    TiffIfd,
+    TiffStructure,
+    TiffTag,
+    WriteResult,
+    tag_name,
+)
+
+NUMERIC_TYPES = tiff.INTEGER_TYPES | {tiff.RATIONAL, tiff.SRATIONAL, tiff.FLOAT, tiff.DOUBLE}
+
+# Baseline/extension tags describing the image; kept verbatim. Value = max count allowed.
+KEEP_NUMERIC: dict[int, int] = {
+    254: 1, 255: 1, 256: 1, 257: 1, 258: 16, 259: 1, 262: 1, 263: 1, 266: 1, 274: 1, 277: 1,
+    278: 1, 280: 16, 281: 16, 282: 1, 283: 1, 284: 1, 286: 1, 287: 1, 290: 1, 291: 65536,
+    296: 1, 301: 3 * 65536, 317: 1, 318: 2, 319: 6, 320: 3 * 65536, 321: 2, 322: 1, 323: 1,
+    338: 16, 339: 16, 340: 16, 341: 16, 529: 3, 530: 2, 531: 1, 532: 6, 32997: 1, 32998: 1,
+}  # fmt: skip
+JPEG_TABLES = 347
+ICC_PROFILE = 34675
+DEVICE_TEXT = frozenset({271, 272})  # Make, Model: device type, not device identity
+IMAGE_DATA = tiff.DATA_OFFSET_TAGS | {tiff.NDPI_OFFSET_HIGH_BYTES, tiff.NDPI_BYTECOUNT_HIGH_BYTES}
+
+# Known tags that are dropped. Value: whether the (text) value identifies someone/something.
+COMMON_REMOVE: dict[int, bool] = {
+    269: True,  # DocumentName
+    285: True,  # PageName
+    297: False,  # PageNumber
+    305: False,  # Software
+    306: True,  # DateTime
+    315: True,  # Artist
+    316: True,  # HostComputer
+    33432: False,  # Copyright
+    700: False,  # XMP
+    33723: False,  # IPTC
+    34377: False,  # Photoshop
+    34665: False,  # EXIF IFD (its text values are collected separately)
+    34853: False,  # GPS IFD
+    40965: False,  # Interoperability IFD
+    37724: False,  # ImageSourceData
+    42016: True,  # ImageUniqueID
+    42112: False,  # GDAL_METADATA
+    50838: False,  # ImageJ metadata byte counts
+    50839: False,  # ImageJ metadata
+    288: False,  # FreeOffsets
+    289: False,  # FreeByteCounts
+    32781: True,  # ImageID (OPI)
+    **{code: False for code in range(512, 522)},  # old-style JPEG fields
+}
+
+_DEVICE_TEXT = re.compile(r"^[A-Za-z0-9 ._\-()/+,:]{1,64}$")
+
+TagHandler = Callable[[TiffTag, Tally], OutTag | None]
+
+
+@dataclass(frozen=True)
+class FormatTagRules:
+    """Format-specific extensions of the common rules."""
+
+    special: Mapping[int, TagHandler] = field(default_factory=dict)
+    keep_numeric: Mapping[int, int | None] = field(default_factory=dict)  # None: unbounded
+    remove: Mapping[int, tuple[str, bool]] = field(default_factory=dict)  # category, identifying
+
+    def allowed_output_tags(self) -> frozenset[int]:
+        return frozenset(KEEP_NUMERIC) | {JPEG_TABLES, ICC_PROFILE} | DEVICE_TEXT | set(
+            self.keep_numeric) | set(self.special) | tiff.DATA_OFFSET_TAGS
+
+
+def device_text_ok(tag: TiffTag) -> bool:
+    return tag.dtype == tiff.ASCII and bool(_DEVICE_TEXT.match(tag.text()))
+
+
+def check_jpeg_tables(data: bytes) -> bool:
+    """JPEGTables may only hold SOI, DQT, DHT (and DRI) segments and EOI: no text."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return not data[pos + 2:].strip(b"\x00")
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker not in (0xDB, 0xC4, 0xDD) or pos + 4 > len(data):
+            return False
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2:
+            return False
+        pos += 2 + length
+    return False
+
+
+def check_icc_profile(data: bytes) -> bool:
+    if len(data) < 128:
+        return False
+    (size,) = struct.unpack_from(">I", data, 0)
+    return size <= len(data) and data[36:40] == b"acsp"
+
+
+def clean_ifd_tags(ifd: TiffIfd, where: str, tally: Tally, rules: FormatTagRules) -> list[OutTag]:
+    """Apply the rules to every tag of a kept IFD; returns the tags to write."""
+    out: list[OutTag] = []
+    for code, tag in ifd.tags.items():
+        if code in IMAGE_DATA:
+            continue  # rewritten by the writer
+        handler = rules.special.get(code)
+        if handler is not None:
+            kept = handler(tag, tally)
+            if kept is not None:
+                out.append(kept)
+            continue
+        if code in KEEP_NUMERIC or code in rules.keep_numeric:
+            limit = KEEP_NUMERIC.get(code, rules.keep_numeric.get(code))
+            if tag.dtype not in NUMERIC_TYPES:
+                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"{tag_name(code)} (tag {code}) in "
+                                   f"{where} has a non-numeric type")
+            if limit is not None and tag.count > limit:
+                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"{tag_name(code)} (tag {code}) in "
+                                   f"{where} has too many values")
+            out.append(OutTag.copy(tag))
+            continue
+        if code == JPEG_TABLES:
+            if not check_jpeg_tables(tag.data):
+                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"JPEGTables (tag 347) in {where} "
+                                   "holds more than quantisation/Huffman tables")
+            out.append(OutTag.copy(tag))
+            continue
+        if code == ICC_PROFILE:
+            if not check_icc_profile(tag.data):
+                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"InterColorProfile (tag 34675) in "
+                                   f"{where} is not an ICC profile")
+            out.append(OutTag.copy(tag))
+            continue
+        if code in DEVICE_TEXT:
+            if device_text_ok(tag):
+                out.append(OutTag.copy(tag))
+            else:
+                tally.remove(f"tiff_tag.{tag_name(code)}", tag.text())
+            continue
+        if code in rules.remove:
+            category, identifying = rules.remove[code]
+            tally.remove(category, *([_tag_text(tag)] if identifying else []))
+            continue
+        if code in COMMON_REMOVE:
+            tally.remove(f"tiff_tag.{tag_name(code)}",
+                         *([_tag_text(tag)] if COMMON_REMOVE[code] else []))
+            for kid in ifd.children.get(code, []):
+                _collect_child_text(kid, tally)
+            continue
+        if code == tiff.SUB_IFDS:
+            raise DeidRejected(UNSUPPORTED_STRUCTURE, f"SubIFDs (tag 330) in {where}")
+        raise DeidRejected(UNKNOWN_TIFF_TAG, f"{tag_name(code)} (tag {code}) in {where}")
+    return out
+
+
+def _tag_text(tag: TiffTag) -> str | None:
+    if tag.dtype in (tiff.ASCII, tiff.BYTE, tiff.UNDEFINED) and len(tag.data) <= 4096:
+        return tag.text()
+    return None
+
+
+def _collect_child_text(ifd: TiffIfd, tally: Tally) -> None:
+    for tag in ifd.tags.values():
+        if tag.dtype == tiff.ASCII:
+            tally.identifying(tag.text())
+        elif tag.code == 37510 and tag.data[:8] in (b"ASCII\x00\x00\x00", b"UNICODE\x00"):
+            tally.identifying(tag.data[8:])  # EXIF UserComment
+    for kids in ifd.children.values():
+        for kid in kids:
+            _collect_child_text(kid, tally)
+
+
+def check_level_compression(ifd: TiffIfd, where: str) -> None:
+    comp = ifd.compression
+    if comp not in TIFF_COMPRESSIONS:
+        raise DeidRejected(UNSUPPORTED_COMPRESSION, f"TIFF compression {comp} in {where}")
+
+
+def level_segments(ifd: TiffIfd, st: TiffStructure, where: str) -> list[tuple[int, int]]:
+    try:
+        segs = tiff.check_segments(ifd, st.file_size)
+    except TiffError as exc:
+        reason = "TRUNCATED_FILE" if exc.reason == "TRUNCATED" else MALFORMED_FILE
+        raise DeidRejected(reason, f"{where}: {exc.reason}") from exc
+    if not any(cnt for _o, cnt in segs):
+        raise DeidRejected(CORRUPT_IMAGE_DATA, f"{where} has no image data")
+    return segs
+
+
+def aspect_matches(a: TiffIfd, b: TiffIfd) -> bool:
+    """True when two IFDs show the same picture at different scales (allowing rounding)."""
+    if min(a.width, a.height, b.width, b.height) <= 0:
+        return False
+    # compare b's height with a's aspect applied to b's width, tolerating +-1 px rounding
+    expected = b.width * a.height / a.width
+    return abs(expected - b.height) <= max(2.0, 0.02 * b.height)
+
+
+def write_atomically(src: Path, dst: Path, out_ifds: Sequence[OutIfd], st: TiffStructure,
+                     policy: DeidPolicy) -> WriteResult:
+    """Write the new TIFF to a temporary file beside ``dst`` and rename it into place."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
+    try:
+        with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
+            result = tiff.write_tiff(fsrc, fdst, out_ifds, byteorder=st.byteorder,
+                                     flavor=st.flavor, buffer_size=policy.buffer_size)
+            fdst.flush()
+            os.fsync(fdst.fileno())
+        os.replace(tmp, dst)
+    except TiffError as exc:
+        raise DeidRejected(MALFORMED_FILE, f"writing failed: {exc.reason}") from exc
+    finally:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+    return result
