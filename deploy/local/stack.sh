@@ -178,7 +178,7 @@ install_kafka() {
   # Maven Central is reached directly (no proxy, no mirror), so no settings.xml is needed; an
   # empty one is still passed so a stray ~/.m2/settings.xml cannot redirect the download.
   printf '<settings/>\n' >"$KAFKA_CACHE/settings.xml"
-  if ! mvn -B -q -ntp \
+  if ! mvn -B -q -ntp -Dstyle.color=never \
     -s "$KAFKA_CACHE/settings.xml" \
     -f "$SCRIPT_DIR/kafka/pom.xml" \
     -Dmaven.repo.local="$MAVEN_REPO" \

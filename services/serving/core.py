@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from services.serving.model.runtime import TissueDetector, mask_png
+from services.serving.model.runtime import InferenceInputError, TissueDetector, mask_png
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -166,7 +166,10 @@ class InferenceService:
                 raise InvalidArgument(
                     f"input {tname} larger than {MAX_INPUT_SIDE} px", "INPUT_TOO_LARGE"
                 )
-        outputs = await asyncio.to_thread(model.detector.raw_infer, inputs)
+        try:
+            outputs = await asyncio.to_thread(model.detector.raw_infer, inputs)
+        except InferenceInputError as exc:
+            raise InvalidArgument(str(exc), "BAD_INPUTS") from None
         return model, outputs
 
     # -- slides ---------------------------------------------------------------------------

@@ -16,7 +16,12 @@ from typing import Any
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from services.shared.events import TOPIC_SLIDE_TILED, event_id_for, new_envelope
+from services.shared.events import (
+    TOPIC_SLIDE_REJECTED,
+    TOPIC_SLIDE_TILED,
+    event_id_for,
+    new_envelope,
+)
 from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
 from services.shared.ports.objects import ObjectStore
@@ -25,6 +30,8 @@ from services.tiling.engine import (
     DeepZoomBuilder,
     DziError,
     DziGeometry,
+    SlideOpenError,
+    SlideReadError,
     Tile,
     dzi_object_keys,
     make_thumbnail,
@@ -126,12 +133,33 @@ class TilingStage:
         if doc is not None and doc.get("state") == "TILED":
             await self._announce(doc)
             return
+        if doc is not None and doc.get("state") == "REJECTED":
+            await self._reject(slide_id, env.dataset_id, doc["reason"])
+            return
         src = env.slide_deidentified
         with scratch_dir(self._work, "tile-") as tmp:
             path = tmp / "slide"
             await self._objects.download_file(src.bucket, src.key, path)
-            summary = await self._build(slide_id, path)
-            thumb = await asyncio.to_thread(make_thumbnail, path, 1024)
+            try:
+                summary = await self._build(slide_id, path)
+                thumb = await asyncio.to_thread(make_thumbnail, path, 1024)
+            except (SlideOpenError, SlideReadError) as exc:
+                # The pixels cannot be read at all: a permanent outcome, not a retry.
+                reason = (
+                    "UNOPENABLE_SLIDE" if isinstance(exc, SlideOpenError) else "UNREADABLE_PIXELS"
+                )
+                await self._objects.delete_prefix(self._bucket, f"slides/{slide_id}/")
+                await self._pyramids.update(
+                    {"_id": slide_id},
+                    set_fields={
+                        "dataset_id": env.dataset_id,
+                        "state": "REJECTED",
+                        "reason": reason,
+                    },
+                    upsert=True,
+                )
+                await self._reject(slide_id, env.dataset_id, reason)
+                return
         thumb_key = thumbnail_key(slide_id)
         await self._objects.put_bytes(self._bucket, thumb_key, thumb, "image/jpeg")
         descriptor_key, _ = dzi_object_keys(slide_id)
@@ -203,6 +231,19 @@ class TilingStage:
             }
         finally:
             await asyncio.to_thread(builder.close)
+
+    async def _reject(self, slide_id: str, dataset_id: str, reason: str) -> None:
+        env = new_envelope(
+            payload_field="slide_rejected",
+            payload=events_pb2.SlideRejected(
+                stage="tiling", reason=reason, detail="slide pixels could not be read"
+            ),
+            slide_id=slide_id,
+            dataset_id=dataset_id,
+            event_id=event_id_for(slide_id, "tiling-outcome"),
+        )
+        await self._outbox.publish(TOPIC_SLIDE_REJECTED, env)
+        log.info("slide rejected", extra={"slide_id": slide_id, "reason": reason})
 
     async def _announce(self, doc: dict[str, Any]) -> None:
         g = doc["geometry"]

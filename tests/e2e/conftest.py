@@ -43,14 +43,26 @@ class Sample:
 
 
 SAMPLES = {
-    "svs": Sample("svs", SLIDES / "aperio/CMU-1-Small-Region.svs", "H&E", "E2E-CASE-SVS-7781",
-                  "E2E-PATIENT-SVS-7781"),
-    "ndpi": Sample("ndpi", SLIDES / "hamamatsu/test3-DAPI-2-(387).ndpi", "DAPI",
-                   "E2E-CASE-NDPI-7782", "E2E-PATIENT-NDPI-7782"),
+    "svs": Sample(
+        "svs",
+        SLIDES / "aperio/CMU-1-Small-Region.svs",
+        "H&E",
+        "E2E-CASE-SVS-7781",
+        "E2E-PATIENT-SVS-7781",
+    ),
+    "ndpi": Sample(
+        "ndpi",
+        SLIDES / "hamamatsu/test3-DAPI-2-(387).ndpi",
+        "DAPI",
+        "E2E-CASE-NDPI-7782",
+        "E2E-PATIENT-NDPI-7782",
+    ),
     "dicom": Sample(
         "dicom",
         SLIDES / "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm",
-        "H&E", "E2E-CASE-DCM-7783", "E2E-PATIENT-DCM-7783",
+        "H&E",
+        "E2E-CASE-DCM-7783",
+        "E2E-PATIENT-DCM-7783",
     ),
 }
 
@@ -103,11 +115,17 @@ async def _setup() -> World:
         await c.create_dataset(dataset, "e2e", "end-to-end test dataset")
         uploads = {}
         for s in SAMPLES.values():
-            md = common_pb2.ClinicalMetadata(stain=s.stain, organ="lymph node", species="human",
-                                             case_id=s.case_id, patient_id=s.patient_id)
+            md = common_pb2.ClinicalMetadata(
+                stain=s.stain,
+                organ="lymph node",
+                species="human",
+                case_id=s.case_id,
+                patient_id=s.patient_id,
+            )
             uploads[s.key] = (await c.upload(s.path, dataset, md)).slide_id
-        broken = await c.upload(SLIDES / "broken/unreadable.svs", dataset,
-                                common_pb2.ClinicalMetadata(stain="H&E"))
+        broken = await c.upload(
+            SLIDES / "broken/unreadable.svs", dataset, common_pb2.ClinicalMetadata(stain="H&E")
+        )
         records = {}
         for key, slide_id in uploads.items():
             records[key] = await c.wait(slide_id, timeout_s=300)

@@ -97,9 +97,8 @@ class DeepZoomBuilder:
             self.geometry = DziGeometry(width, height, tile_size, overlap, fmt)
             if cache_bytes is None:
                 cache_bytes = _default_cache_bytes(slide, tile_size, overlap)
-            self._handle.close()
-            self._handle = SlideHandle(path, openslide.OpenSlideCache(cache_bytes))
-            self._background: RGB = background_colour(self._handle.slide)
+            self._handle.set_cache(openslide.OpenSlideCache(cache_bytes))
+            self._background: RGB = background_colour(slide)
         except Exception:
             self._handle.close()
             raise

@@ -215,6 +215,10 @@ class SlideHandle:
         if cache is not None:
             self.slide.set_cache(cache)
 
+    def set_cache(self, cache: openslide.OpenSlideCache) -> None:
+        self._cache = cache
+        self.slide.set_cache(cache)
+
     def reopen(self) -> None:
         old = self.slide
         try:

@@ -1,0 +1,93 @@
+"""Bounded-memory byte copying and searching over files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import BinaryIO
+
+
+def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int, buffer_size: int) -> None:
+    """Append ``length`` bytes of ``src`` starting at ``offset`` to ``dst`` (streamed)."""
+    dst.flush()
+    if hasattr(os, "copy_file_range"):
+        try:
+            done = 0
+            start = dst.tell()
+            while done < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(length - done, 1 << 30),
+                                       offset + done, start + done)
+                if n <= 0:
+                    raise EOFError("source ended while copying")
+                done += n
+            dst.seek(start + length)
+            return
+        except (OSError, AttributeError, ValueError):
+            dst.seek(0, os.SEEK_END)
+            dst.truncate(dst.tell())
+    buf = bytearray(buffer_size)
+    view = memoryview(buf)
+    src.seek(offset)
+    left = length
+    while left:
+        n = src.readinto(view[: min(left, len(view))])  # type: ignore[attr-defined]
+        if not n:
+            raise EOFError("source ended while copying")
+        dst.write(view[:n])
+        left -= n
+
+
+def pattern_variants(value: bytes) -> list[bytes]:
+    """The byte forms an identifying value may take on disk: UTF-8, Latin-1, UTF-16 LE/BE."""
+    out = [value]
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return out
+    for enc in ("latin-1", "utf-16-le", "utf-16-be"):
+        try:
+            form = text.encode(enc)
+        except UnicodeEncodeError:
+            continue
+        if form not in out:
+            out.append(form)
+    return out
+
+
+def minimal_patterns(patterns: Iterable[bytes]) -> list[bytes]:
+    """Drop duplicates and patterns containing another pattern (finding the shorter suffices)."""
+    uniq = sorted(set(p for p in patterns if p), key=len)
+    kept: list[bytes] = []
+    for p in uniq:
+        if not any(k in p for k in kept):
+            kept.append(p)
+    return kept
+
+
+def stream_contains(fh: BinaryIO, patterns: Sequence[bytes], buffer_size: int,
+                    start: int = 0, end: int | None = None) -> int | None:
+    """Index into ``patterns`` of the first one found in fh[start:end], else None.
+
+    Reads with a fixed buffer and an overlap of (longest pattern - 1) bytes so matches that
+    straddle chunk boundaries are found.
+    """
+    if not patterns:
+        return None
+    if end is None:
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+    overlap = max(len(p) for p in patterns) - 1
+    fh.seek(start)
+    pos = start
+    tail = b""
+    while pos < end:
+        chunk = fh.read(min(buffer_size, end - pos))
+        if not chunk:
+            break
+        pos += len(chunk)
+        window = tail + chunk
+        for i, p in enumerate(patterns):
+            if window.find(p) != -1:
+                return i
+        tail = window[-overlap:] if overlap else b""
+    return None

@@ -1,0 +1,483 @@
+"""EventEmitter and EventRunner over the in-memory bus: commits, retries, dead letters, traces."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from services.shared import telemetry
+from services.shared.adapters.memory import InMemoryBus
+from services.shared.errors import InvalidArgument, Unavailable
+from services.shared.events import (
+    SCHEMA_VERSION,
+    TOPIC_SLIDE_RECEIVED,
+    TOPIC_SLIDE_TILED,
+    EventEmitter,
+    EventRunner,
+    RetryPolicy,
+    dead_letter_topic,
+    event_id_for,
+    new_envelope,
+)
+from services.shared.ports.bus import Message, Publisher
+from tessera.events.v1 import events_pb2
+
+SERVICE = "unit"
+GROUP = "unit-group"
+DLQ = dead_letter_topic(SERVICE)
+FAST = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.005)
+
+
+def received(slide_id: str = "slide-1") -> events_pb2.EventEnvelope:
+    return new_envelope(
+        payload_field="slide_received",
+        payload=events_pb2.SlideReceived(size_bytes=10, sha256="0" * 64, extension="svs"),
+        slide_id=slide_id,
+        dataset_id="ds-1",
+        event_id=event_id_for(slide_id, "received"),
+    )
+
+
+def tiled(slide_id: str = "slide-1") -> events_pb2.EventEnvelope:
+    return new_envelope(
+        payload_field="slide_tiled",
+        payload=events_pb2.SlideTiled(),
+        slide_id=slide_id,
+        dataset_id="ds-1",
+    )
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.002)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@dataclass
+class Harness:
+    bus: InMemoryBus
+    publisher: Publisher
+    emitter: EventEmitter
+    seen: list[events_pb2.EventEnvelope] = field(default_factory=list)
+    runners: list[tuple[EventRunner, asyncio.Task[None]]] = field(default_factory=list)
+
+    async def start(
+        self,
+        handler: Callable[[events_pb2.EventEnvelope], Awaitable[None]],
+        retry: RetryPolicy = FAST,
+        topic: str = TOPIC_SLIDE_RECEIVED,
+    ) -> tuple[EventRunner, asyncio.Task[None]]:
+        runner = EventRunner(
+            service=SERVICE,
+            bus=self.bus,
+            group=GROUP,
+            handlers={topic: handler},
+            publisher=self.publisher,
+            retry=retry,
+        )
+        task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(runner.ready.wait(), 2)
+        self.runners.append((runner, task))
+        return runner, task
+
+    async def stop(
+        self, runner: EventRunner, task: asyncio.Task[None], *, graceful: bool = False
+    ) -> None:
+        """End the runner. `stop()` is noticed between fetches (up to the runner's 0.5 s
+        poll); where the shutdown path is not what a test is about, cancel instead."""
+        if graceful:
+            runner.stop()
+            await asyncio.wait_for(task, 3)
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def dlq(self) -> list[Message]:
+        return self.bus.messages(DLQ)
+
+    async def redelivered(self, topic: str = TOPIC_SLIDE_RECEIVED) -> list[Message]:
+        """What a fresh member of the same group gets (uncommitted messages)."""
+        sub = self.bus.subscription(GROUP, [topic])
+        await sub.start()
+        try:
+            return await sub.fetch(timeout_s=0.05)
+        finally:
+            await sub.stop()
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    bus = InMemoryBus()
+    await bus.ensure_topics([TOPIC_SLIDE_RECEIVED, TOPIC_SLIDE_TILED, DLQ])
+    publisher = bus.publisher()
+    await publisher.start()
+    harness = Harness(bus, publisher, EventEmitter("producer", publisher))
+    yield harness
+    for runner, task in harness.runners:
+        runner.stop()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await publisher.stop()
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # The global provider can be set only once per process; the emitter and runner take
+    # their tracer from `telemetry.tracer`, so route that to this provider.
+    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer)
+    yield exporter
+    provider.shutdown()
+
+
+def header(msg: Message, name: str) -> str | None:
+    value = msg.header(name)
+    return None if value is None else value.decode()
+
+
+# -- handled messages ---------------------------------------------------------------------
+
+
+async def test_handled_message_is_committed(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+
+    env = received()
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task, graceful=True)
+
+    assert [e.event_id for e in h.seen] == [env.event_id]
+    assert h.seen[0].slide_received.sha256 == "0" * 64
+    assert h.seen[0].producer == "producer"
+    assert h.dlq() == []
+    assert await h.redelivered() == []
+
+
+# -- dead letters for what can never be processed -----------------------------------------
+
+
+def _no_event_id() -> bytes:
+    env = received()
+    env.event_id = ""
+    return env.SerializeToString()
+
+
+def _future_schema() -> bytes:
+    env = received()
+    env.schema_version = SCHEMA_VERSION + 1
+    return env.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(b"\xff\xff\xff not protobuf", "MALFORMED_EVENT", id="garbage"),
+        pytest.param(tiled().SerializeToString(), "UNEXPECTED_EVENT_TYPE", id="wrong-payload"),
+        pytest.param(b"", "UNEXPECTED_EVENT_TYPE", id="empty"),
+        pytest.param(_no_event_id(), "MALFORMED_EVENT", id="no-event-id"),
+        pytest.param(_future_schema(), "UNSUPPORTED_SCHEMA", id="future-schema"),
+    ],
+)
+async def test_undecodable_message_is_dead_lettered_and_committed(
+    h: Harness, value: bytes, reason: str
+) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+
+    await h.publisher.publish(
+        TOPIC_SLIDE_RECEIVED, value, key=b"k1", headers=[("event-id", b"e1")]
+    )
+    good = received("slide-2")
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, good)
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 2)
+    await h.stop(runner, task)
+
+    # the bad one never reached the handler; the good one after it did
+    assert [e.event_id for e in h.seen] == [good.event_id]
+    [dead] = h.dlq()
+    assert dead.value == value
+    assert dead.key == b"k1"
+    assert header(dead, "dlq-reason") == reason
+    assert header(dead, "dlq-source-topic") == TOPIC_SLIDE_RECEIVED
+    assert header(dead, "dlq-source-offset") == "0"
+    assert header(dead, "dlq-consumer-group") == GROUP
+    assert header(dead, "event-id") == "e1"  # original headers are kept
+    assert await h.redelivered() == []
+
+
+async def test_domain_error_is_dead_lettered_at_once(h: Harness) -> None:
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        raise InvalidArgument("geometry is absurd", "ABSURD_DIMENSIONS")
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    runner, task = await h.start(handler, RetryPolicy(max_attempts=5, base_delay_s=0.001))
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    assert calls == 1
+    [dead] = h.dlq()
+    assert header(dead, "dlq-reason") == "ABSURD_DIMENSIONS"
+    assert header(dead, "dlq-detail") == "geometry is absurd"
+    assert await h.redelivered() == []
+
+
+async def test_transient_failures_are_retried_then_committed_once(h: Harness) -> None:
+    calls = 0
+    succeeded: list[str] = []
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("store hiccup")
+        succeeded.append(env.event_id)
+
+    env = received()
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    assert calls == 3
+    assert succeeded == [env.event_id]
+    assert h.dlq() == []
+    assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1
+    assert await h.redelivered() == []
+
+
+async def test_unavailable_is_retried_not_dead_lettered(h: Harness) -> None:
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Unavailable("object store down")
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    assert calls == 2
+    assert h.dlq() == []
+
+
+async def test_always_failing_handler_is_dead_lettered_and_partition_moves_on(
+    h: Harness,
+) -> None:
+    attempts: dict[str, int] = {}
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        attempts[env.slide_id] = attempts.get(env.slide_id, 0) + 1
+        if env.slide_id == "poison":
+            raise RuntimeError("boom")
+        h.seen.append(env)
+
+    poison, after = received("poison"), received("after")
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, poison)
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, after)
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 2)
+    await h.stop(runner, task)
+
+    assert attempts == {"poison": FAST.max_attempts, "after": 1}
+    assert [e.slide_id for e in h.seen] == ["after"]
+    [dead] = h.dlq()
+    assert header(dead, "dlq-reason") == "RETRIES_EXHAUSTED"
+    assert header(dead, "dlq-detail") == "RuntimeError"  # the type only, not the message
+    parsed = events_pb2.EventEnvelope.FromString(dead.value)
+    assert parsed.event_id == poison.event_id
+    assert await h.redelivered() == []
+
+
+async def test_stop_during_backoff_leaves_message_uncommitted(h: Harness) -> None:
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("down")
+
+    env = received()
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    runner, task = await h.start(handler, RetryPolicy(max_attempts=5, base_delay_s=60))
+    await wait_until(lambda: calls == 1)
+    # graceful stop; would take a minute if the backoff ignored stop()
+    await h.stop(runner, task, graceful=True)
+
+    assert calls == 1
+    assert h.dlq() == []
+    assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 0
+    again = await h.redelivered()
+    assert [events_pb2.EventEnvelope.FromString(m.value).event_id for m in again] == [
+        env.event_id
+    ]
+
+
+async def test_handler_sees_messages_in_partition_order(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+
+    ids = [f"s{i}" for i in range(5)]
+    for slide_id in ids:
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received(slide_id))
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 5)
+    await h.stop(runner, task)
+    assert [e.slide_id for e in h.seen] == ids
+
+
+async def test_stop_mid_batch_commits_only_what_was_handled(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+        runner.stop()  # asked to stop while the rest of the batch is waiting
+
+    runner = EventRunner(
+        service=SERVICE,
+        bus=h.bus,
+        group=GROUP,
+        handlers={TOPIC_SLIDE_RECEIVED: handler},
+        publisher=h.publisher,
+        retry=FAST,
+    )
+    for slide_id in ("a", "b", "c"):  # all three arrive in the runner's first fetch
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received(slide_id))
+    await asyncio.wait_for(runner.run(), 3)
+
+    assert [e.slide_id for e in h.seen] == ["a"]
+    assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1
+    again = await h.redelivered()
+    assert [events_pb2.EventEnvelope.FromString(m.value).slide_id for m in again] == ["b", "c"]
+
+
+# -- tracing ------------------------------------------------------------------------------
+
+
+async def test_consumer_span_continues_producer_trace(
+    h: Harness, spans: InMemorySpanExporter
+) -> None:
+    h.emitter = EventEmitter("producer", h.publisher)  # picks up the patched tracer
+    inside: list[trace.SpanContext] = []
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        inside.append(trace.get_current_span().get_span_context())
+
+    env = received()
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    [msg] = h.bus.messages(TOPIC_SLIDE_RECEIVED)
+    assert header(msg, "traceparent") is not None
+    assert env.trace_context["traceparent"] == header(msg, "traceparent")
+
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    [producer] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    [consumer] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert consumer.context.trace_id == producer.context.trace_id
+    assert consumer.parent is not None
+    assert consumer.parent.span_id == producer.context.span_id
+    assert consumer.attributes is not None
+    assert consumer.attributes["messaging.message.id"] == env.event_id
+    assert consumer.attributes["messaging.consumer.group.name"] == GROUP
+    # the handler runs inside the consumer span
+    assert [c.span_id for c in inside] == [consumer.context.span_id]
+
+
+async def test_trace_context_falls_back_to_envelope_without_headers(
+    h: Harness, spans: InMemorySpanExporter
+) -> None:
+    h.emitter = EventEmitter("producer", h.publisher)
+    env = received()
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    # the same envelope again, as a producer that does not set headers would send it
+    await h.publisher.publish(TOPIC_SLIDE_RECEIVED, env.SerializeToString(), key=b"x")
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        return None
+
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 2)
+    await h.stop(runner, task)
+
+    [producer] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    consumers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert len(consumers) == 2
+    for span in consumers:
+        assert span.context.trace_id == producer.context.trace_id
+        assert span.parent is not None and span.parent.span_id == producer.context.span_id
+
+
+async def test_retries_are_separate_spans_of_one_trace(
+    h: Harness, spans: InMemorySpanExporter
+) -> None:
+    h.emitter = EventEmitter("producer", h.publisher)
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("once")
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    consumers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert [s.attributes["tessera.attempt"] for s in consumers if s.attributes] == [1, 2]
+    assert len({s.context.trace_id for s in consumers}) == 1
+
+
+# -- emitter ------------------------------------------------------------------------------
+
+
+async def test_emitter_refuses_payload_that_does_not_belong_on_topic(h: Harness) -> None:
+    with pytest.raises(ValueError, match="does not belong"):
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, tiled())
+    with pytest.raises(ValueError, match="does not belong"):
+        await h.emitter.emit("tessera.no-such-topic.v1", received())
+    with pytest.raises(ValueError, match="does not belong"):
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, events_pb2.EventEnvelope(event_id="x"))
+    assert h.bus.messages(TOPIC_SLIDE_RECEIVED) == []
+
+
+async def test_emitter_keys_by_slide_and_sets_event_headers(h: Harness) -> None:
+    env = received("slide-9")
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    [msg] = h.bus.messages(TOPIC_SLIDE_RECEIVED)
+    assert msg.key == b"slide-9"
+    assert header(msg, "event-id") == env.event_id
+    assert header(msg, "event-type") == "tessera.events.v1.SlideReceived"
+    assert events_pb2.EventEnvelope.FromString(msg.value).producer == "producer"
+
+
+async def test_emitter_reports_bus_failure_as_unavailable(h: Harness) -> None:
+    await h.publisher.stop()  # the in-memory publisher refuses to publish when stopped
+    with pytest.raises(Unavailable):
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    await h.publisher.start()
