@@ -25,6 +25,7 @@
 #   TESSERA_S3_SIDECAR [auto: only if the data folder's filesystem lacks user xattrs]
 #   TESSERA_READY_TIMEOUT [180 s per server]  TESSERA_STOP_TIMEOUT [30 s per server]
 #   TESSERA_KAFKA_HEAP_OPTS [-Xms256m -Xmx512m]
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -175,11 +176,10 @@ install_kafka() {
   mkdir -p "$KAFKA_CACHE" "$MAVEN_REPO"
   tmp_lib=$KAFKA_CACHE/lib.tmp.$$
   rm -rf "$tmp_lib"
-  # Maven Central is reached directly (no proxy, no mirror), so no settings.xml is needed; an
-  # empty one is still passed so a stray ~/.m2/settings.xml cannot redirect the download.
-  printf '<settings/>\n' >"$KAFKA_CACHE/settings.xml"
-  if ! mvn -B -q -ntp -Dstyle.color=never \
-    -s "$KAFKA_CACHE/settings.xml" \
+  # Maven Central is reached directly on these machines (no proxy or mirror needed), so no
+  # settings.xml is used; -C fails on a checksum mismatch instead of warning.
+  # (Maven 3.8 prints ANSI reset codes even in batch mode; sed drops them.)
+  if ! mvn -B -q -ntp -C \
     -f "$SCRIPT_DIR/kafka/pom.xml" \
     -Dmaven.repo.local="$MAVEN_REPO" \
     -Dtessera.build.directory="$KAFKA_CACHE/build" \
@@ -190,7 +190,7 @@ install_kafka() {
     -Dmaven.dependency.plugin.version="$MAVEN_DEPENDENCY_PLUGIN_VERSION" \
     -DincludeScope=runtime \
     -DoutputDirectory="$tmp_lib" \
-    dependency:copy-dependencies; then
+    dependency:copy-dependencies 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2; then
     rm -rf "$tmp_lib"
     die "kafka: mvn dependency:copy-dependencies failed (see the Maven output above)"
   fi
@@ -274,6 +274,7 @@ $json"
   fi
   mkdir -p "$(dirname "$FERRETDB_BIN")"
   mv -f "$tmp_bin" "$FERRETDB_BIN"
+  rm -rf "$src" # reproducible from the module cache; only the binary is kept
   ferretdb_stamp >"$FERRETDB_CACHE/stamp"
   record_build_time "ferretdb-$FERRETDB_VERSION" $((SECONDS - start))
 }
@@ -413,7 +414,9 @@ stop_server() { # server
   if kill -0 "$pid" 2>/dev/null; then
     log "$name: still running after ${STOP_TIMEOUT}s, sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    deadline=$((SECONDS + 10))
+    while running_pid "$name" >/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    running_pid "$name" >/dev/null && die "$name: pid $pid survived SIGKILL"
   fi
   rm -f "$file"
   log "$name: stopped"
