@@ -120,7 +120,7 @@ class AccessControl:
     ) -> Dataset:
         if not caller.is_admin:
             raise PermissionDenied("only a node administrator may create datasets", "NOT_ADMIN")
-        if not DATASET_ID.match(dataset_id):
+        if not DATASET_ID.fullmatch(dataset_id):
             raise InvalidArgument(
                 "dataset_id must be 3-63 lower-case letters, digits or dashes", "BAD_DATASET_ID"
             )
@@ -183,7 +183,7 @@ class AccessControl:
         expires_at: datetime | None,
     ) -> Grant:
         await self._require_manage(caller, dataset_id)
-        if not SUBJECT.match(subject):
+        if not SUBJECT.fullmatch(subject):
             raise InvalidArgument("subject is not a valid identifier", "BAD_SUBJECT")
         if role not in ROLE_ACTIONS:
             raise InvalidArgument("role must be set", "BAD_ROLE")

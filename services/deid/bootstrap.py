@@ -81,6 +81,7 @@ def bootstrap(
         group=f"tessera-{NAME}",
         handlers=handlers(stage),
         publisher=publisher,
+        on_dead_letter=stage.on_failure,
     )
     checker = access
 

@@ -18,12 +18,14 @@ from typing import Any
 from services.deid.engine import DeidPolicy, DeidRejected, deidentify, verify
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
+from services.shared.counts import from_entries, to_entries
 from services.shared.errors import NotFound
 from services.shared.events import (
     TOPIC_SLIDE_DEIDENTIFIED,
     TOPIC_SLIDE_REJECTED,
     event_id_for,
     new_envelope,
+    publish_stage_failure,
 )
 from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
@@ -130,15 +132,15 @@ class DeidStage:
             "sha256": digest,
             "size_bytes": size,
             "summary": {
-                "removed": dict(report.removed),
-                "pseudonymized": dict(report.pseudonymized),
+                "removed": to_entries(report.removed),
+                "pseudonymized": to_entries(report.pseudonymized),
                 "levels_kept": report.levels_kept,
                 "verified": True,
             },
             "geometry": {
                 "width": report.width,
                 "height": report.height,
-                "levels": [list(lv) for lv in report.level_dimensions],
+                "levels": [{"width": w, "height": h} for w, h in report.level_dimensions],
                 "mpp_x": report.mpp_x or 0.0,
                 "mpp_y": report.mpp_y or 0.0,
                 "objective_power": report.objective_power or 0.0,
@@ -149,6 +151,22 @@ class DeidStage:
         await self._announce(job)
         await self._erase_quarantine(job)
         log.info("slide de-identified", extra={"slide_id": slide_id, "outcome": "DEIDENTIFIED"})
+
+    async def on_failure(self, env: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
+        """The event was dead-lettered: record a final outcome so the slide is not pending."""
+        await self._jobs.update(
+            {"_id": env.slide_id},
+            set_fields={
+                "dataset_id": env.dataset_id,
+                "outcome": "REJECTED",
+                "reason": reason,
+                "detail": detail[:300],
+            },
+            upsert=True,
+        )
+        await publish_stage_failure(
+            self._outbox, "deidentification", "deid-outcome", env, reason, detail
+        )
 
     def _run(self, src: Path, dst: Path, fmt: SlideFormat) -> Any:
         report = deidentify(src, dst, fmt, self._pseudo, self._policy)
@@ -203,17 +221,19 @@ class DeidStage:
                 height=g["height"],
                 levels=[
                     common_pb2.LevelDimensions(
-                        width=w, height=h, downsample=(g["width"] / w) if w else 0.0
+                        width=lv["width"],
+                        height=lv["height"],
+                        downsample=(g["width"] / lv["width"]) if lv["width"] else 0.0,
                     )
-                    for w, h in g["levels"]
+                    for lv in g["levels"]
                 ],
                 mpp_x=g["mpp_x"],
                 mpp_y=g["mpp_y"],
                 objective_power=g["objective_power"],
             ),
             summary=common_pb2.DeidSummary(
-                removed=s["removed"],
-                pseudonymized=s["pseudonymized"],
+                removed=from_entries(s["removed"]),
+                pseudonymized=from_entries(s["pseudonymized"]),
                 levels_kept=s["levels_kept"],
                 verified=s["verified"],
             ),
@@ -234,10 +254,13 @@ class DeidStage:
         await self._access.require(
             caller.subject, Action.ACTION_READ_RECORD, job["dataset_id"], f"slide/{slide_id}"
         )
+        summary = dict(job.get("summary", {}))
+        for key in ("removed", "pseudonymized"):
+            summary[key] = from_entries(summary.get(key))
         return JobView(
             slide_id,
             job["outcome"],
-            job.get("summary", {}),
+            summary,
             job.get("reason", ""),
             job.get("detail", ""),
         )

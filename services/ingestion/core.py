@@ -144,7 +144,7 @@ class Ingestion:
     def _validate_header(self, header: UploadHeader) -> str:
         if not header.dataset_id:
             raise InvalidArgument("dataset_id is required", "MISSING_DATASET")
-        if not SHA256_HEX.match(header.sha256):
+        if not SHA256_HEX.fullmatch(header.sha256):
             raise InvalidArgument("sha256 must be 64 lower-case hex digits", "BAD_SHA256")
         if header.size_bytes <= 0:
             raise InvalidArgument("size_bytes must be positive", "BAD_SIZE")
@@ -154,10 +154,10 @@ class Ingestion:
                 "TOO_LARGE",
             )
         ext = Path(header.filename).suffix.lower().lstrip(".")
-        if ext and not EXTENSION.match(ext):
+        if ext and not EXTENSION.fullmatch(ext):
             ext = ""
         for key in DESCRIPTIVE_FIELDS:
-            if not LABEL_TEXT.match(header.metadata.get(key, "")):
+            if not LABEL_TEXT.fullmatch(header.metadata.get(key, "")):
                 raise InvalidArgument(
                     f"metadata.{key} must be at most 64 plain characters", "BAD_METADATA"
                 )
@@ -281,7 +281,7 @@ class Ingestion:
     async def status(
         self, caller: Principal, dataset_id: str, sha256: str, size_bytes: int
     ) -> UploadStatus:
-        if not SHA256_HEX.match(sha256) or size_bytes <= 0 or not dataset_id:
+        if not SHA256_HEX.fullmatch(sha256) or size_bytes <= 0 or not dataset_id:
             raise InvalidArgument("dataset_id, sha256 and size_bytes are required", "BAD_REQUEST")
         await self._access.require(
             caller.subject, Action.ACTION_UPLOAD, dataset_id, f"dataset/{dataset_id}/uploads"
@@ -316,6 +316,17 @@ class Ingestion:
         except InvalidSlide as exc:
             await self._discard(session)
             raise InvalidArgument(exc.message, exc.reason) from None
+        except OSError:
+            raise  # the spool could not be read: keep it, the upload is not at fault
+        except Exception as exc:  # noqa: BLE001 - a parser failing on hostile input
+            # The file is untrusted input: whatever a parser raises on it means it cannot be
+            # understood, so reject it (fail closed) rather than keep a spool nobody can finish.
+            log.warning(
+                "slide inspection failed",
+                extra={"upload_id": session.upload_id, "reason": type(exc).__name__},
+            )
+            await self._discard(session)
+            raise InvalidArgument("the file structure cannot be parsed", "MALFORMED_FILE") from None
 
     async def _discard(self, session: UploadSession) -> None:
         await asyncio.to_thread(_unlink, session.path)

@@ -18,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
+from services.shared.counts import to_entries
 from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from services.shared.events import (
     TOPIC_DATASET_CREATED,
@@ -120,7 +121,12 @@ class Catalogue:
             fields = {
                 "format": int(d.format),
                 "geometry": _dict(d.geometry),
-                "deid": _dict(d.summary),
+                "deid": {
+                    "removed": to_entries(d.summary.removed),
+                    "pseudonymized": to_entries(d.summary.pseudonymized),
+                    "levels_kept": d.summary.levels_kept,
+                    "verified": d.summary.verified,
+                },
                 "deidentified_size_bytes": int(d.size_bytes),
             }
         elif kind == "slide_rejected":
@@ -142,6 +148,7 @@ class Catalogue:
             set_on_insert={
                 "dataset_id": env.dataset_id,
                 "created_at": at,
+                "updated_at": at,
                 "status": "",
                 "status_rank": 0,
                 "applied": [],
@@ -149,20 +156,28 @@ class Catalogue:
             },
             upsert=True,
         )
-        applied = await self._slides.update(
+        await self._slides.update(
             {"_id": slide_id, "applied": {"$ne": env.event_id}},
-            set_fields={**fields, "updated_at": at},
+            set_fields=fields or None,
             push={
                 "timeline": {"status": status, "at": at, "stage": stage, "reason": reason},
                 **push,
             },
             add_to_set={"applied": env.event_id},
         )
-        if applied:
-            await self._slides.update(
-                {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 1}},
-                set_fields={"status": status, "status_rank": RANK[status]},
-            )
+        # The rest only moves forward, so it is safe to repeat: it runs for a redelivered
+        # event too, which repairs a crash between the update above and these. Timestamps
+        # are the earliest and latest event times, whatever order the events came in.
+        await self._slides.update(
+            {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 1}},
+            set_fields={"status": status, "status_rank": RANK[status]},
+        )
+        await self._slides.update(
+            {"_id": slide_id, "created_at": {"$gte": at}}, set_fields={"created_at": at}
+        )
+        await self._slides.update(
+            {"_id": slide_id, "updated_at": {"$lte": at}}, set_fields={"updated_at": at}
+        )
 
     # -- queries --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf.json_format import ParseDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.shared.counts import from_entries
 from tessera.common.v1 import common_pb2
 from tessera.metadata.v1 import metadata_pb2
 
@@ -49,12 +50,13 @@ def slide_to_proto(doc: dict[str, Any]) -> metadata_pb2.Slide:
                 reason=entry.get("reason", ""),
             )
         )
-    for field, msg in (
-        ("geometry", s.geometry),
-        ("clinical", s.clinical),
-        ("deid", s.deid),
-        ("pyramid", s.pyramid),
-    ):
+    deid = doc.get("deid") or {}
+    if deid:
+        s.deid.removed.update(from_entries(deid.get("removed")))
+        s.deid.pseudonymized.update(from_entries(deid.get("pseudonymized")))
+        s.deid.levels_kept = int(deid.get("levels_kept", 0))
+        s.deid.verified = bool(deid.get("verified", False))
+    for field, msg in (("geometry", s.geometry), ("clinical", s.clinical), ("pyramid", s.pyramid)):
         if doc.get(field):
             ParseDict(doc[field], msg, ignore_unknown_fields=True)
     for result in doc.get("inference", []):

@@ -76,6 +76,7 @@ def bootstrap(
         group=f"tessera-{NAME}",
         handlers=handlers(service),
         publisher=publisher,
+        on_dead_letter=service.on_failure,
     )
     checker = access
 

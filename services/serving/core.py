@@ -20,7 +20,12 @@ from services.serving.model.runtime import InferenceInputError, TissueDetector, 
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.shared.events import TOPIC_INFERENCE_COMPLETED, event_id_for, new_envelope
+from services.shared.events import (
+    TOPIC_INFERENCE_COMPLETED,
+    event_id_for,
+    new_envelope,
+    publish_stage_failure,
+)
 from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
 from services.shared.ports.objects import ObjectStore
@@ -186,6 +191,11 @@ class InferenceService:
             upsert=True,
         )
         await self._run(env.slide_id, env.dataset_id, p.bucket, p.thumbnail_key, "", "")
+
+    async def on_failure(self, env: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
+        await publish_stage_failure(
+            self._outbox, "inference", "inference-outcome", env, reason, detail
+        )
 
     async def infer_slide(
         self, caller: Principal, slide_id: str, name: str, version: str

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
@@ -79,6 +80,13 @@ def new_envelope(
     return env
 
 
+def check_topic(topic: str, envelope: events_pb2.EventEnvelope) -> None:
+    """Raise ValueError unless the envelope's payload is the one `topic` carries."""
+    expected = TOPIC_PAYLOAD.get(topic)
+    if expected is None or envelope.WhichOneof("payload") != expected:
+        raise ValueError(f"envelope payload does not belong on {topic}")
+
+
 class EventEmitter:
     """Publishes envelopes; the broker has acknowledged when `emit` returns."""
 
@@ -88,9 +96,7 @@ class EventEmitter:
         self._tracer = telemetry.tracer(__name__)
 
     async def emit(self, topic: str, envelope: events_pb2.EventEnvelope) -> None:
-        expected = TOPIC_PAYLOAD.get(topic)
-        if expected is None or envelope.WhichOneof("payload") != expected:
-            raise ValueError(f"envelope payload does not belong on {topic}")
+        check_topic(topic, envelope)
         with self._tracer.start_as_current_span(f"{topic} publish", kind=SpanKind.PRODUCER) as sp:
             sp.set_attribute("messaging.system", "kafka")
             sp.set_attribute("messaging.destination.name", topic)
@@ -115,6 +121,9 @@ class EventEmitter:
 
 
 Handler = Callable[[events_pb2.EventEnvelope], Awaitable[None]]
+# Called after a decodable event was dead-lettered (reason code, detail), so the stage can
+# record a final outcome for the slide instead of leaving it pending forever.
+DeadLetterHook = Callable[[events_pb2.EventEnvelope, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,9 @@ class EventRunner:
         handlers: Mapping[str, Handler],
         publisher: Publisher,
         retry: RetryPolicy | None = None,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
+        self._on_dead_letter = on_dead_letter
         self._service = service
         self._bus = bus
         self._group = group
@@ -214,6 +225,7 @@ class EventRunner:
                         span.set_status(Status(StatusCode.ERROR, exc.reason))
                         metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, "rejected").inc()
                         await self._dead_letter(msg, exc.reason, exc.message)
+                        await self._notify(envelope, exc.reason, exc.message)
                         return True
                 except Exception as exc:  # noqa: BLE001 - any other failure is retried
                     outcome = "retry"
@@ -237,9 +249,21 @@ class EventRunner:
             )
             if attempt >= self._retry.max_attempts:
                 await self._dead_letter(msg, "RETRIES_EXHAUSTED", type(err).__name__)
+                await self._notify(envelope, "RETRIES_EXHAUSTED", type(err).__name__)
                 return True
             if await self._sleep_or_stop(self._retry.delay(attempt)):
                 return False  # stopping: leave uncommitted
+
+    async def _notify(self, envelope: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
+        if self._on_dead_letter is None:
+            return
+        try:
+            await self._on_dead_letter(envelope, reason, detail)
+        except Exception as exc:  # noqa: BLE001 - the dead letter itself is already safe
+            log.warning(
+                "dead-letter hook failed",
+                extra={"event_id": envelope.event_id, "reason": type(exc).__name__},
+            )
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         """Sleep; True when asked to stop meanwhile."""
@@ -294,3 +318,22 @@ class EventRunner:
             extra={"topic": msg.topic, "offset": msg.offset, "reason": reason},
         )
         trace.get_current_span().add_event("dead-lettered", {"reason": reason})
+
+
+async def publish_stage_failure(
+    outbox: Any,
+    stage: str,
+    outcome_stage: str,
+    envelope: events_pb2.EventEnvelope,
+    reason: str,
+    detail: str,
+) -> None:
+    """Announce that `stage` gave up on a slide: the catalogue shows it REJECTED."""
+    env = new_envelope(
+        payload_field="slide_rejected",
+        payload=events_pb2.SlideRejected(stage=stage, reason=reason, detail=detail[:300]),
+        slide_id=envelope.slide_id,
+        dataset_id=envelope.dataset_id,
+        event_id=event_id_for(envelope.slide_id, outcome_stage),
+    )
+    await outbox.publish(TOPIC_SLIDE_REJECTED, env)

@@ -13,8 +13,11 @@ import asyncio
 import contextlib
 import logging
 
+from opentelemetry import context as otel_context
+
+from services.shared import telemetry
 from services.shared.errors import Unavailable
-from services.shared.events import EventEmitter
+from services.shared.events import EventEmitter, check_topic
 from services.shared.ports.documents import Collection, DuplicateKey
 from tessera.events.v1 import events_pb2
 
@@ -29,6 +32,9 @@ class Outbox:
 
     async def publish(self, topic: str, envelope: events_pb2.EventEnvelope) -> bool:
         """Record then publish. True when the broker acknowledged; False when it is queued."""
+        # Refuse a wrong envelope before recording it: a record that can never be emitted
+        # would fail every later flush.
+        check_topic(topic, envelope)
         with contextlib.suppress(DuplicateKey):
             await self._col.insert(
                 {
@@ -36,6 +42,8 @@ class Outbox:
                     "topic": topic,
                     "envelope": envelope.SerializeToString(),
                     "sent": False,
+                    # the caller's trace, so a later flush continues it
+                    "trace_context": telemetry.inject_headers(),
                 }
             )
         try:
@@ -51,10 +59,13 @@ class Outbox:
         for doc in await self._col.find({"sent": False}, limit=500):
             env = events_pb2.EventEnvelope()
             env.ParseFromString(bytes(doc["envelope"]))
+            token = otel_context.attach(telemetry.extract_context(doc.get("trace_context") or {}))
             try:
                 await self._emitter.emit(doc["topic"], env)
             except Unavailable:
                 break
+            finally:
+                otel_context.detach(token)
             await self._col.update({"_id": doc["_id"]}, set_fields={"sent": True})
             sent += 1
         return sent

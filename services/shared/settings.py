@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 
 class KafkaSettings(BaseModel):
@@ -101,15 +102,51 @@ class ConfigError(SystemExit):
     """Raised at start-up when configuration is missing or invalid."""
 
 
+def _env_var(path: tuple[str, ...]) -> str:
+    return "TESSERA_" + "__".join(p.upper() for p in path)
+
+
+def _section_model(cls: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model class of the settings section at `loc`, or None for a plain value."""
+    model: Any = cls
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _required_leaves(model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Paths of the variables a section cannot do without (one per required leaf field)."""
+    out: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        if not field.is_required():
+            continue
+        path = (*prefix, name)
+        sub = _section_model(model, (name,))
+        out.extend((_required_leaves(sub, path) or [path]) if sub is not None else [path])
+    return out
+
+
 def load_settings(cls: type[S], **overrides: Any) -> S:
     """Build settings from the environment, or exit with a message naming what is wrong."""
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        lines = []
+        lines: list[str] = []
         for err in exc.errors():
-            var = "TESSERA_" + "__".join(str(p).upper() for p in err["loc"])
-            lines.append(f"  {var}: {err['msg']}")
+            loc = tuple(str(p) for p in err["loc"])
+            # A whole section missing: name the variables to set, not the section.
+            section = _section_model(cls, loc) if err["type"] == "missing" else None
+            paths = (_required_leaves(section, loc) if section is not None else []) or [loc]
+            lines.extend(f"  {_env_var(path)}: {err['msg']}" for path in paths)
         raise ConfigError(
             f"{cls.__name__}: invalid or missing configuration:\n" + "\n".join(lines)
         ) from None
+    except SettingsError as exc:
+        # e.g. a section variable (TESSERA_GRPC) that is not valid JSON; the message names
+        # the field and the source, never the value
+        raise ConfigError(f"{cls.__name__}: invalid configuration: {exc}") from None

@@ -85,6 +85,7 @@ def bootstrap(
         group=f"tessera-{NAME}",
         handlers=handlers(stage),
         publisher=publisher,
+        on_dead_letter=stage.on_failure,
     )
     verifier = TokenVerifier.from_file(
         settings.auth.public_key_file, settings.auth.issuer, settings.auth.audience

@@ -21,6 +21,7 @@ from services.shared.events import (
     TOPIC_SLIDE_TILED,
     event_id_for,
     new_envelope,
+    publish_stage_failure,
 )
 from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
@@ -231,6 +232,9 @@ class TilingStage:
             }
         finally:
             await asyncio.to_thread(builder.close)
+
+    async def on_failure(self, env: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
+        await publish_stage_failure(self._outbox, "tiling", "tiling-outcome", env, reason, detail)
 
     async def _reject(self, slide_id: str, dataset_id: str, reason: str) -> None:
         env = new_envelope(

@@ -201,9 +201,7 @@ async def test_undecodable_message_is_dead_lettered_and_committed(
     async def handler(env: events_pb2.EventEnvelope) -> None:
         h.seen.append(env)
 
-    await h.publisher.publish(
-        TOPIC_SLIDE_RECEIVED, value, key=b"k1", headers=[("event-id", b"e1")]
-    )
+    await h.publisher.publish(TOPIC_SLIDE_RECEIVED, value, key=b"k1", headers=[("event-id", b"e1")])
     good = received("slide-2")
     await h.emitter.emit(TOPIC_SLIDE_RECEIVED, good)
     runner, task = await h.start(handler)
@@ -332,9 +330,7 @@ async def test_stop_during_backoff_leaves_message_uncommitted(h: Harness) -> Non
     assert h.dlq() == []
     assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 0
     again = await h.redelivered()
-    assert [events_pb2.EventEnvelope.FromString(m.value).event_id for m in again] == [
-        env.event_id
-    ]
+    assert [events_pb2.EventEnvelope.FromString(m.value).event_id for m in again] == [env.event_id]
 
 
 async def test_handler_sees_messages_in_partition_order(h: Harness) -> None:

@@ -34,18 +34,45 @@ _ICC_NAME = re.compile(r"^[A-Za-z0-9 .,()_/+\-]{0,128}$")
 
 # Fields kept verbatim once their value passes the validator.
 SVS_KEEP: dict[str, re.Pattern[str]] = {
-    **{k: _NUMBER for k in (
-        "AppMag", "MPP", "StripeWidth", "OriginalWidth", "OriginalHeight", "Originalheight",
-        "Left", "Top", "LineCameraSkew", "LineAreaXOffset", "LineAreaYOffset", "Focus Offset",
-        "Exposure Time", "Exposure Scale", "Filtered", "DisplayColor",
-    )},
+    **{
+        k: _NUMBER
+        for k in (
+            "AppMag",
+            "MPP",
+            "StripeWidth",
+            "OriginalWidth",
+            "OriginalHeight",
+            "Originalheight",
+            "Left",
+            "Top",
+            "LineCameraSkew",
+            "LineAreaXOffset",
+            "LineAreaYOffset",
+            "Focus Offset",
+            "Exposure Time",
+            "Exposure Scale",
+            "Filtered",
+            "DisplayColor",
+        )
+    },
     "ICC Profile": _ICC_NAME,
 }
 # Fields removed because they identify the slide, patient, operator, scanner or time.
-SVS_REMOVE_IDENTIFYING = frozenset({
-    "Filename", "Date", "Time", "Time Zone", "User", "ScanScope ID", "ImageID", "Barcode",
-    "Rack", "Slide", "DSR ID",
-})
+SVS_REMOVE_IDENTIFYING = frozenset(
+    {
+        "Filename",
+        "Date",
+        "Time",
+        "Time Zone",
+        "User",
+        "ScanScope ID",
+        "ImageID",
+        "Barcode",
+        "Rack",
+        "Slide",
+        "DSR ID",
+    }
+)
 # Fields removed because they are free text or not needed (not identifying by themselves).
 SVS_REMOVE_OTHER = frozenset({"Parmset", "SessionMode"})
 
@@ -78,7 +105,7 @@ def parse_description(text: str) -> AperioDescription:
         newline = "\n"
         if header.endswith("\r"):
             header, newline = header[:-1], "\r\n"
-        rest = text[nl_at + 1:]
+        rest = text[nl_at + 1 :]
     pieces = rest.split("|") if rest else [""]
     fields: list[tuple[str, str]] = []
     for piece in pieces[1:]:
@@ -160,15 +187,21 @@ def select_ifds(st: TiffStructure, policy: DeidPolicy, tally: Tally) -> Selectio
                 kept.append(ifd)
                 levels.append(ifd)
             elif aspect_matches(level0, ifd):
-                raise DeidRejected(AMBIGUOUS_ASSOCIATED_IMAGE,
-                                   f"IFD {ifd.index} is tiled like a level but marked {kind}")
+                raise DeidRejected(
+                    AMBIGUOUS_ASSOCIATED_IMAGE,
+                    f"IFD {ifd.index} is tiled like a level but marked {kind}",
+                )
             else:
                 tally.remove(f"associated_image.{kind}")
             continue
         if kind is not None:
             tally.remove(f"associated_image.{kind}")
-        elif (ifd.index == 1 and policy.keep_svs_thumbnail and aspect_matches(level0, ifd)
-              and not ifd.new_subfile_type & ~0x1):
+        elif (
+            ifd.index == 1
+            and policy.keep_svs_thumbnail
+            and aspect_matches(level0, ifd)
+            and not ifd.new_subfile_type & ~0x1
+        ):
             kept.append(ifd)  # thumbnail
         else:
             tally.remove("associated_image.unidentified")

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from services.deid.engine import streams
 from services.deid.engine.dicom_rules import (
@@ -61,11 +61,25 @@ from services.shared.wsi.sniff import (
 )
 
 DEIDENTIFICATION_METHOD = "Tessera deid 1: PS3.15 Basic Profile, keyed pseudonyms"
-_IDENTIFYING_ACTS = frozenset({Act.REMOVE, Act.EMPTY, Act.DUMMY, Act.UID, Act.PSEUDO_PATIENT,
-                               Act.PATIENT_NAME, Act.PSEUDO_CONTAINER, Act.PSEUDO_SPECIMEN,
-                               Act.PSEUDO_DEVICE})
-_PSEUDO_KIND = {Act.PSEUDO_PATIENT: "patient", Act.PSEUDO_CONTAINER: "container",
-                Act.PSEUDO_SPECIMEN: "specimen", Act.PSEUDO_DEVICE: "device"}
+_IDENTIFYING_ACTS = frozenset(
+    {
+        Act.REMOVE,
+        Act.EMPTY,
+        Act.DUMMY,
+        Act.UID,
+        Act.PSEUDO_PATIENT,
+        Act.PATIENT_NAME,
+        Act.PSEUDO_CONTAINER,
+        Act.PSEUDO_SPECIMEN,
+        Act.PSEUDO_DEVICE,
+    }
+)
+_PSEUDO_KIND = {
+    Act.PSEUDO_PATIENT: "patient",
+    Act.PSEUDO_CONTAINER: "container",
+    Act.PSEUDO_SPECIMEN: "specimen",
+    Act.PSEUDO_DEVICE: "device",
+}
 _KEPT_CONTENT_TYPES = frozenset({"CODE", "NUMERIC", "UIDREF"})
 
 
@@ -98,16 +112,19 @@ def image_flavor(ds: Dataset) -> str:
 def check_instance(ds: Dataset) -> None:
     """Reject instances that are not a pyramid level of a whole slide image."""
     if str(ds.get("SOPClassUID", "")) != WSM_SOP_CLASS:
-        raise DeidRejected(UNSUPPORTED_FORMAT, "SOP Class UID (0008,0016) is not VL Whole "
-                           "Slide Microscopy Image Storage")
+        raise DeidRejected(
+            UNSUPPORTED_FORMAT,
+            "SOP Class UID (0008,0016) is not VL Whole Slide Microscopy Image Storage",
+        )
     flavor = image_flavor(ds)
     if not flavor:
         raise DeidRejected(MISSING_IMAGE_TYPE, "Image Type (0008,0008) is missing or short")
     if flavor in ("LABEL", "OVERVIEW"):
         raise DeidRejected(ASSOCIATED_IMAGE_ONLY, f"the instance is a {flavor} image")
     if flavor not in ("VOLUME", "THUMBNAIL"):
-        raise DeidRejected(UNSUPPORTED_IMAGE_TYPE, "Image Type (0008,0008) value 3 is not "
-                           "VOLUME or THUMBNAIL")
+        raise DeidRejected(
+            UNSUPPORTED_IMAGE_TYPE, "Image Type (0008,0008) value 3 is not VOLUME or THUMBNAIL"
+        )
     for sfg in ds.get("SharedFunctionalGroupsSequence") or []:
         for ft in sfg.get("WholeSlideMicroscopyImageFrameTypeSequence") or []:
             vals = [str(v).upper() for v in (ft.get("FrameType") or [])]
@@ -120,8 +137,13 @@ def check_instance(ds: Dataset) -> None:
 
 
 class _Cleaner:
-    def __init__(self, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally,
-                 patient_pseudonym: str | None) -> None:
+    def __init__(
+        self,
+        pseudonymizer: Pseudonymizer,
+        policy: DeidPolicy,
+        tally: Tally,
+        patient_pseudonym: str | None,
+    ) -> None:
         self.p = pseudonymizer
         self.policy = policy
         self.tally = tally
@@ -244,15 +266,16 @@ class _Cleaner:
                     self.tally.pseudonymize("dicom_content_item.specimen_identifier", text)
                 kept.append(cleaned)
             else:
-                self.tally.remove(f"dicom_content_item.{vt or 'UNKNOWN'}",
-                                  _content_identifying(item))
+                self.tally.remove(
+                    f"dicom_content_item.{vt or 'UNKNOWN'}", _content_identifying(item)
+                )
         return kept
 
 
 def _elements(ds: Dataset) -> list[DataElement]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [ds[tag] for tag in ds.keys()]
+        return list(ds)
 
 
 def _is_empty(elem: DataElement) -> bool:
@@ -285,8 +308,9 @@ def _private_values(elem: DataElement) -> list[str]:
         vals: list[str] = []
         for item in elem.value or []:
             for sub in _elements(item):
-                vals.extend(_private_values(sub) if sub.tag.is_private
-                            else _identifying_values(sub))
+                vals.extend(
+                    _private_values(sub) if sub.tag.is_private else _identifying_values(sub)
+                )
         return vals
     if elem.VR in TEXT_VRS:
         return _text_values(elem)
@@ -322,7 +346,7 @@ def _identifying_values(elem: DataElement) -> list[str]:
         return _private_values(elem)
     if elem.VR != "SQ":
         act = RULES.get(int(elem.tag))
-        if act in _IDENTIFYING_ACTS or act is None and elem.VR in DATE_VRS:
+        if act in _IDENTIFYING_ACTS or (act is None and elem.VR in DATE_VRS):
             if elem.keyword == "TextValue":
                 return []  # content items are judged by their concept (see below)
             return _text_values(elem)
@@ -336,8 +360,9 @@ def _identifying_values(elem: DataElement) -> list[str]:
     return vals
 
 
-def deidentify_dicom(src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy,
-                     tally: Tally) -> DicomResult:
+def deidentify_dicom(
+    src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
+) -> DicomResult:
     hdr = load_header(src)
     ds = hdr.dataset
     check_instance(ds)
@@ -347,10 +372,12 @@ def deidentify_dicom(src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy:
         raise DeidRejected(MALFORMED_FILE, "SOP Instance UID (0008,0018) is missing")
     patient_id = str(ds.get("PatientID", "") or "").strip()
     cleaner = _Cleaner(pseudonymizer, policy, tally, None)
-    patient_pseudonym = (cleaner._pseudonym("patient", patient_id, "LO", "PatientID")
-                         if patient_id else None)
+    patient_pseudonym = (
+        cleaner._pseudonym("patient", patient_id, "LO", "PatientID") if patient_id else None
+    )
     cleaner.patient_pseudonym = patient_pseudonym
     out = cleaner.clean(ds)
+    tally.discard(*DUMMY_BY_VR.values())
     if hdr.trailing_bytes:
         tally.remove("dicom_trailing_data")
     # de-identification marks (PS3.15 E.1.1 items 6 and 7)
@@ -361,9 +388,9 @@ def deidentify_dicom(src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy:
     out.DeidentificationMethodCodeSequence = Sequence([code])
     out.LongitudinalTemporalInformationModified = "REMOVED"
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = WSM_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    meta.TransferSyntaxUID = hdr.transfer_syntax
+    meta.MediaStorageSOPClassUID = UID(WSM_SOP_CLASS)
+    meta.MediaStorageSOPInstanceUID = UID(str(out.SOPInstanceUID))
+    meta.TransferSyntaxUID = UID(hdr.transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     out.file_meta = meta
@@ -375,8 +402,9 @@ def deidentify_dicom(src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy:
                 warnings.simplefilter("ignore")
                 pydicom.dcmwrite(fdst, out, enforce_file_format=True)
             fdst.write(hdr.pixel.header)
-            streams.copy_range(fsrc, fdst, hdr.pixel.value_offset, hdr.pixel.length,
-                               policy.buffer_size)
+            streams.copy_range(
+                fsrc, fdst, hdr.pixel.value_offset, hdr.pixel.length, policy.buffer_size
+            )
             fdst.flush()
             os.fsync(fdst.fileno())
         size = tmp.stat().st_size

@@ -183,9 +183,17 @@ def _tags(names: str) -> list[int]:
 
 
 RULES: dict[int, Act] = {}
-for _names, _act in ((_KEEP, Act.KEEP), (_SEQ, Act.SEQ), (_UID, Act.UID), (_EMPTY, Act.EMPTY),
-                     (_DUMMY, Act.DUMMY), (_SEQ_EMPTY, Act.SEQ_EMPTY), (_CONTENT, Act.CONTENT),
-                     (_REMOVE, Act.REMOVE), (_REPLACED, Act.REPLACED)):
+for _names, _act in (
+    (_KEEP, Act.KEEP),
+    (_SEQ, Act.SEQ),
+    (_UID, Act.UID),
+    (_EMPTY, Act.EMPTY),
+    (_DUMMY, Act.DUMMY),
+    (_SEQ_EMPTY, Act.SEQ_EMPTY),
+    (_CONTENT, Act.CONTENT),
+    (_REMOVE, Act.REMOVE),
+    (_REPLACED, Act.REPLACED),
+):
     for _t in _tags(_names):
         if _t in RULES:
             raise RuntimeError(f"duplicate DICOM rule for {_t:08X}")
@@ -198,9 +206,7 @@ RULES[int(tag_for_keyword("DeviceSerialNumber") or 0)] = Act.PSEUDO_DEVICE
 RULES[int(tag_for_keyword("SpecimenPreparationSequence") or 0)] = Act.SPECIMEN_PREPARATION
 
 # The attributes the verifier accepts in an output dataset (besides REPLACED ones).
-OUTPUT_ALLOWED: frozenset[int] = frozenset(
-    t for t, a in RULES.items() if a not in (Act.REMOVE,)
-)
+OUTPUT_ALLOWED: frozenset[int] = frozenset(t for t, a in RULES.items() if a not in (Act.REMOVE,))
 # Content-item attributes that 'filter' mode may keep inside content sequences.
 CONTENT_ITEM_TEXT = int(tag_for_keyword("TextValue") or 0)
 CONTENT_ITEM_UID = int(tag_for_keyword("UID") or 0)
@@ -215,8 +221,27 @@ DUMMY_BY_VR: dict[str, str] = {
     "DT": "19000101000000",
 }
 DATE_VRS = frozenset({"DA", "DT", "TM"})
-TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
-                      "TM", "UC", "UI", "UR", "UT"})
+TEXT_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 MAX_LENGTH_BY_VR: dict[str, int] = {"LO": 64, "SH": 16, "PN": 64, "UI": 64, "CS": 16}
 
 WSM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"

@@ -44,7 +44,8 @@ def select_ifds(st: TiffStructure, tally: Tally) -> Selection:
             tally.remove("associated_image.unidentified")
             continue
         if ifd is not base and not aspect_matches(base, ifd):
-            raise DeidRejected(UNEXPECTED_IFD, f"tiled IFD {ifd.index} is not a level of the "
-                               "pyramid")
+            raise DeidRejected(
+                UNEXPECTED_IFD, f"tiled IFD {ifd.index} is not a level of the pyramid"
+            )
         kept.append(ifd)
     return Selection(kept, [i for i in kept if not i.new_subfile_type & 0x4])

@@ -125,8 +125,11 @@ def _drop_section(line: str, tally: Tally, policy: DeidPolicy) -> None:
         key, _, value = part.lstrip(";").partition("=")
         if key.strip() in _SHADING_IDENTIFYING:
             tally.identifying(value)
-    tally.remove("ndpi_property_section.shading" if name == SHADING_SECTION
-                 else "ndpi_property_section.unknown")
+    tally.remove(
+        "ndpi_property_section.shading"
+        if name == SHADING_SECTION
+        else "ndpi_property_section.unknown"
+    )
 
 
 def _printable(key: str) -> str:
@@ -160,8 +163,11 @@ def _device_handler(tag: TiffTag, tally: Tally) -> OutTag | None:
 
 def rules(policy: DeidPolicy) -> FormatTagRules:
     return FormatTagRules(
-        special={PROPERTY_MAP: _property_handler_factory(policy), CHANNEL_NAME: _channel_handler,
-                 305: _device_handler},
+        special={
+            PROPERTY_MAP: _property_handler_factory(policy),
+            CHANNEL_NAME: _channel_handler,
+            305: _device_handler,
+        },
         keep_numeric=NDPI_KEEP,
         remove=NDPI_REMOVE,
     )

@@ -6,7 +6,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from services.shared.wsi.sniff import SlideFormat
 
@@ -53,13 +53,14 @@ class DeidPolicy:
     """Knobs of the de-identification. Defaults are the strict, fail-closed behaviour."""
 
     # Dates/times: "remove" drops them (or blanks/dummies them where DICOM requires a value).
-    date_policy: Literal["remove"] = "remove"
-    # Keys of the NDPI property map (tag 65449) that no rule knows: reject the slide, or drop
-    # the key (dropping never leaks; rejecting makes unknown scanner output visible).
-    ndpi_unknown_property: Literal["reject", "drop"] = "reject"
+    # (plain str so it can come straight from configuration; validated below)
+    date_policy: str = "remove"
+    # Keys of the NDPI property map (tag 65449) that no rule knows: "reject" the slide, or
+    # "drop" the key (dropping never leaks; rejecting makes unknown scanner output visible).
+    ndpi_unknown_property: str = "reject"
     # DICOM Specimen Preparation Sequence: "empty" follows PS3.15 (Z); "filter" keeps coded
     # and numeric steps, pseudonymises specimen identifiers and drops free text and dates.
-    dicom_specimen_preparation: Literal["empty", "filter"] = "empty"
+    dicom_specimen_preparation: str = "empty"
     # Keep the Aperio thumbnail (second IFD) when it is certainly not the label.
     keep_svs_thumbnail: bool = True
     # Streaming buffer for copying and scanning pixel data.
@@ -149,6 +150,11 @@ class Tally:
                 part = part.strip()
                 if len(part) >= self._min:
                     self._values[part.encode("utf-8")] = None
+
+    def discard(self, *values: str) -> None:
+        """Forget values that are our own replacements (e.g. dummy dates)."""
+        for v in values:
+            self._values.pop(v.encode("utf-8"), None)
 
     @property
     def values(self) -> list[bytes]:

@@ -15,16 +15,22 @@ def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int, buffer_si
             done = 0
             start = dst.tell()
             while done < length:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), min(length - done, 1 << 30),
-                                       offset + done, start + done)
+                n = os.copy_file_range(
+                    src.fileno(),
+                    dst.fileno(),
+                    min(length - done, 1 << 30),
+                    offset + done,
+                    start + done,
+                )
                 if n <= 0:
                     raise EOFError("source ended while copying")
                 done += n
-            dst.seek(start + length)
-            return
         except (OSError, AttributeError, ValueError):
             dst.seek(0, os.SEEK_END)
             dst.truncate(dst.tell())
+        else:
+            dst.seek(start + length)
+            return
     buf = bytearray(buffer_size)
     view = memoryview(buf)
     src.seek(offset)
@@ -55,28 +61,63 @@ def pattern_variants(value: bytes) -> list[bytes]:
 
 
 def minimal_patterns(patterns: Iterable[bytes]) -> list[bytes]:
-    """Drop duplicates and patterns containing another pattern (finding the shorter suffices)."""
+    """Drop duplicates and patterns containing another plain pattern (finding the shorter
+    one suffices; numeric patterns match with boundaries, so they never subsume others)."""
     uniq = sorted(set(p for p in patterns if p), key=len)
     kept: list[bytes] = []
+    plain: list[bytes] = []
     for p in uniq:
-        if not any(k in p for k in kept):
+        if not any(k in p for k in plain):
             kept.append(p)
+            if not is_numeric_pattern(p):
+                plain.append(p)
     return kept
 
 
-def stream_contains(fh: BinaryIO, patterns: Sequence[bytes], buffer_size: int,
-                    start: int = 0, end: int | None = None) -> int | None:
+_NUMERIC_CHARS = frozenset(b"0123456789.:/-+ ")
+_DIGITS = frozenset(b"0123456789")
+
+
+def is_numeric_pattern(p: bytes) -> bool:
+    """Dates, times and numbers: such values only count when not part of a longer number."""
+    stripped = p.replace(b"\x00", b"")
+    return bool(stripped) and all(b in _NUMERIC_CHARS for b in stripped)
+
+
+def find_value(data: bytes, p: bytes, numeric: bool) -> bool:
+    """True if ``p`` occurs in ``data``; numeric patterns must not touch other digits."""
+    i = data.find(p)
+    if not numeric:
+        return i != -1
+    step = 2 if b"\x00" in p else 1  # UTF-16: neighbours are one code unit away
+    while i != -1:
+        before = data[i - step] if i - step >= 0 else None
+        after = data[i + len(p) + (step - 1)] if i + len(p) + (step - 1) < len(data) else None
+        if (before is None or before not in _DIGITS) and (after is None or after not in _DIGITS):
+            return True
+        i = data.find(p, i + 1)
+    return False
+
+
+def stream_contains(
+    fh: BinaryIO,
+    patterns: Sequence[bytes],
+    buffer_size: int,
+    start: int = 0,
+    end: int | None = None,
+) -> int | None:
     """Index into ``patterns`` of the first one found in fh[start:end], else None.
 
-    Reads with a fixed buffer and an overlap of (longest pattern - 1) bytes so matches that
+    Reads with a fixed buffer and an overlap of (longest pattern) bytes so matches that
     straddle chunk boundaries are found.
     """
     if not patterns:
         return None
+    numeric = [is_numeric_pattern(p) for p in patterns]
     if end is None:
         fh.seek(0, os.SEEK_END)
         end = fh.tell()
-    overlap = max(len(p) for p in patterns) - 1
+    overlap = max(len(p) for p in patterns) + 1
     fh.seek(start)
     pos = start
     tail = b""
@@ -87,7 +128,7 @@ def stream_contains(fh: BinaryIO, patterns: Sequence[bytes], buffer_size: int,
         pos += len(chunk)
         window = tail + chunk
         for i, p in enumerate(patterns):
-            if window.find(p) != -1:
+            if find_value(window, p, numeric[i]):
                 return i
-        tail = window[-overlap:] if overlap else b""
+        tail = window[-overlap:]
     return None

@@ -96,8 +96,14 @@ class FormatTagRules:
     remove: Mapping[int, tuple[str, bool]] = field(default_factory=dict)  # category, identifying
 
     def allowed_output_tags(self) -> frozenset[int]:
-        return frozenset(KEEP_NUMERIC) | {JPEG_TABLES, ICC_PROFILE} | DEVICE_TEXT | set(
-            self.keep_numeric) | set(self.special) | tiff.DATA_OFFSET_TAGS
+        return (
+            frozenset(KEEP_NUMERIC)
+            | {JPEG_TABLES, ICC_PROFILE}
+            | DEVICE_TEXT
+            | set(self.keep_numeric)
+            | set(self.special)
+            | tiff.DATA_OFFSET_TAGS
+        )
 
 
 def device_text_ok(tag: TiffTag) -> bool:
@@ -114,7 +120,7 @@ def check_jpeg_tables(data: bytes) -> bool:
             return False
         marker = data[pos + 1]
         if marker == 0xD9:
-            return not data[pos + 2:].strip(b"\x00")
+            return not data[pos + 2 :].strip(b"\x00")
         if marker == 0xFF:
             pos += 1
             continue
@@ -149,23 +155,31 @@ def clean_ifd_tags(ifd: TiffIfd, where: str, tally: Tally, rules: FormatTagRules
         if code in KEEP_NUMERIC or code in rules.keep_numeric:
             limit = KEEP_NUMERIC.get(code, rules.keep_numeric.get(code))
             if tag.dtype not in NUMERIC_TYPES:
-                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"{tag_name(code)} (tag {code}) in "
-                                   f"{where} has a non-numeric type")
+                raise DeidRejected(
+                    UNEXPECTED_TAG_VALUE,
+                    f"{tag_name(code)} (tag {code}) in {where} has a non-numeric type",
+                )
             if limit is not None and tag.count > limit:
-                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"{tag_name(code)} (tag {code}) in "
-                                   f"{where} has too many values")
+                raise DeidRejected(
+                    UNEXPECTED_TAG_VALUE,
+                    f"{tag_name(code)} (tag {code}) in {where} has too many values",
+                )
             out.append(OutTag.copy(tag))
             continue
         if code == JPEG_TABLES:
             if not check_jpeg_tables(tag.data):
-                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"JPEGTables (tag 347) in {where} "
-                                   "holds more than quantisation/Huffman tables")
+                raise DeidRejected(
+                    UNEXPECTED_TAG_VALUE,
+                    f"JPEGTables (tag 347) in {where} holds more than quantisation/Huffman tables",
+                )
             out.append(OutTag.copy(tag))
             continue
         if code == ICC_PROFILE:
             if not check_icc_profile(tag.data):
-                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"InterColorProfile (tag 34675) in "
-                                   f"{where} is not an ICC profile")
+                raise DeidRejected(
+                    UNEXPECTED_TAG_VALUE,
+                    f"InterColorProfile (tag 34675) in {where} is not an ICC profile",
+                )
             out.append(OutTag.copy(tag))
             continue
         if code in DEVICE_TEXT:
@@ -179,8 +193,9 @@ def clean_ifd_tags(ifd: TiffIfd, where: str, tally: Tally, rules: FormatTagRules
             tally.remove(category, *([_tag_text(tag)] if identifying else []))
             continue
         if code in COMMON_REMOVE:
-            tally.remove(f"tiff_tag.{tag_name(code)}",
-                         *([_tag_text(tag)] if COMMON_REMOVE[code] else []))
+            tally.remove(
+                f"tiff_tag.{tag_name(code)}", *([_tag_text(tag)] if COMMON_REMOVE[code] else [])
+            )
             for kid in ifd.children.get(code, []):
                 _collect_child_text(kid, tally)
             continue
@@ -233,14 +248,21 @@ def aspect_matches(a: TiffIfd, b: TiffIfd) -> bool:
     return abs(expected - b.height) <= max(2.0, 0.02 * b.height)
 
 
-def write_atomically(src: Path, dst: Path, out_ifds: Sequence[OutIfd], st: TiffStructure,
-                     policy: DeidPolicy) -> WriteResult:
+def write_atomically(
+    src: Path, dst: Path, out_ifds: Sequence[OutIfd], st: TiffStructure, policy: DeidPolicy
+) -> WriteResult:
     """Write the new TIFF to a temporary file beside ``dst`` and rename it into place."""
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
     try:
         with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
-            result = tiff.write_tiff(fsrc, fdst, out_ifds, byteorder=st.byteorder,
-                                     flavor=st.flavor, buffer_size=policy.buffer_size)
+            result = tiff.write_tiff(
+                fsrc,
+                fdst,
+                out_ifds,
+                byteorder=st.byteorder,
+                flavor=st.flavor,
+                buffer_size=policy.buffer_size,
+            )
             fdst.flush()
             os.fsync(fdst.fileno())
         os.replace(tmp, dst)

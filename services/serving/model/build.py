@@ -55,14 +55,26 @@ DEFAULT_CALIBRATION_SIDE: Final = 1024
 DEFAULT_SLIDES_DIR: Final = Path(__file__).resolve().parents[4] / "shared" / "slides"
 
 INPUT_SPECS: Final = [
-    {"name": INPUT_NAME, "datatype": "FP32", "shape": [1, 3, -1, -1],
-     "description": "RGB scaled to 0..1, NCHW, any height and width"},
+    {
+        "name": INPUT_NAME,
+        "datatype": "FP32",
+        "shape": [1, 3, -1, -1],
+        "description": "RGB scaled to 0..1, NCHW, any height and width",
+    },
 ]
 OUTPUT_SPECS: Final = [
-    {"name": MASK_OUTPUT, "datatype": "UINT8", "shape": [1, 1, -1, -1],
-     "description": "1 = tissue, 0 = background; same height and width as the input"},
-    {"name": FRACTION_OUTPUT, "datatype": "FP32", "shape": [1],
-     "description": "share of tissue pixels in the mask"},
+    {
+        "name": MASK_OUTPUT,
+        "datatype": "UINT8",
+        "shape": [1, 1, -1, -1],
+        "description": "1 = tissue, 0 = background; same height and width as the input",
+    },
+    {
+        "name": FRACTION_OUTPUT,
+        "datatype": "FP32",
+        "shape": [1],
+        "description": "share of tissue pixels in the mask",
+    },
 ]
 
 
@@ -143,8 +155,9 @@ def calibration_images_from(
             continue
         seen.add(digest)
         images.append(image)
-    log.info("calibration images: %d used, %d unreadable, %d rejected",
-             len(images), skipped, rejected)
+    log.info(
+        "calibration images: %d used, %d unreadable, %d rejected", len(images), skipped, rejected
+    )
     return images
 
 
@@ -227,8 +240,9 @@ def build_tissue_model(
             "iterations": fit.iterations,
             "converged": fit.converged,
             "tissue_share": fit.tissue_share,
-            "background_mean": dict(zip(("saturation", "darkness"), fit.background_mean,
-                                        strict=True)),
+            "background_mean": dict(
+                zip(("saturation", "darkness"), fit.background_mean, strict=True)
+            ),
             "tissue_mean": dict(zip(("saturation", "darkness"), fit.tissue_mean, strict=True)),
             "between_class_variance": fit.between_class_variance,
             "separability": fit.separability,
@@ -247,8 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build the tissue-detector ONNX model from sample slides.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--slides", type=Path, default=DEFAULT_SLIDES_DIR,
-                        help="folder searched (recursively) for calibration slides")
+    parser.add_argument(
+        "--slides",
+        type=Path,
+        default=DEFAULT_SLIDES_DIR,
+        help="folder searched (recursively) for calibration slides",
+    )
     parser.add_argument("--version", default="1")
     parser.add_argument("--max-side", type=int, default=DEFAULT_CALIBRATION_SIDE)
     parser.add_argument("--pool-kernel", type=int, default=5)

@@ -1,13 +1,13 @@
 """ONNX graph of the tissue detector, assembled with ``onnx.helper``.
 
-    INPUT__0  FP32 [1, 3, H, W]   RGB in 0..1, NCHW
-      -> Clip(0, 1)
-      -> saturation = ReduceMax(c) - ReduceMin(c);  darkness = 1 - ReduceMean(c)
-      -> Concat -> Conv 1x1 (weights [w_s, w_d], bias -threshold)      linear decision score
-      -> AveragePool k x k (stride 1, same padding, borders not padded)  smoothing
-      -> Greater(0)
-      -> mask             UINT8 [1, 1, H, W]   1 = tissue
-      -> tissue_fraction  FP32  [1]            mean of the mask
+INPUT__0  FP32 [1, 3, H, W]   RGB in 0..1, NCHW
+  -> Clip(0, 1)
+  -> saturation = ReduceMax(c) - ReduceMin(c);  darkness = 1 - ReduceMean(c)
+  -> Concat -> Conv 1x1 (weights [w_s, w_d], bias -threshold)      linear decision score
+  -> AveragePool k x k (stride 1, same padding, borders not padded)  smoothing
+  -> Greater(0)
+  -> mask             UINT8 [1, 1, H, W]   1 = tissue
+  -> tissue_fraction  FP32  [1]            mean of the mask
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def build_graph(
         ),
         helper.make_node("Sub", ["rgb_max", "rgb_min"], ["saturation"], name="saturation"),
         helper.make_node("Sub", ["one", "rgb_mean"], ["darkness"], name="darkness"),
-        helper.make_node("Concat", ["saturation", "darkness"], ["features"], axis=1,
-                         name="features"),
+        helper.make_node(
+            "Concat", ["saturation", "darkness"], ["features"], axis=1, name="features"
+        ),
         helper.make_node(
             "Conv",
             ["features", "decision_weight", "decision_bias"],
@@ -100,27 +101,36 @@ def build_graph(
             name="smoothing",
         ),
         helper.make_node("Greater", ["smoothed_score", "zero"], ["is_tissue"], name="threshold"),
-        helper.make_node("Cast", ["is_tissue"], [MASK_OUTPUT], to=TensorProto.UINT8,
-                         name="mask"),
-        helper.make_node("Cast", ["is_tissue"], ["mask_float"], to=TensorProto.FLOAT,
-                         name="mask_float"),
-        helper.make_node("ReduceMean", ["mask_float"], ["fraction_scalar"], keepdims=0,
-                         name="fraction"),
-        helper.make_node("Reshape", ["fraction_scalar", "fraction_shape"], [FRACTION_OUTPUT],
-                         name="fraction_shape"),
+        helper.make_node("Cast", ["is_tissue"], [MASK_OUTPUT], to=TensorProto.UINT8, name="mask"),
+        helper.make_node(
+            "Cast", ["is_tissue"], ["mask_float"], to=TensorProto.FLOAT, name="mask_float"
+        ),
+        helper.make_node(
+            "ReduceMean", ["mask_float"], ["fraction_scalar"], keepdims=0, name="fraction"
+        ),
+        helper.make_node(
+            "Reshape",
+            ["fraction_scalar", "fraction_shape"],
+            [FRACTION_OUTPUT],
+            name="fraction_shape",
+        ),
     ]
     graph = helper.make_graph(
         nodes,
         "tissue_detector",
         inputs=[
             helper.make_tensor_value_info(
-                INPUT_NAME, TensorProto.FLOAT, [1, 3, "height", "width"],
+                INPUT_NAME,
+                TensorProto.FLOAT,
+                [1, 3, "height", "width"],
                 doc_string="RGB in 0..1, NCHW",
             )
         ],
         outputs=[
             helper.make_tensor_value_info(
-                MASK_OUTPUT, TensorProto.UINT8, [1, 1, "height", "width"],
+                MASK_OUTPUT,
+                TensorProto.UINT8,
+                [1, 1, "height", "width"],
                 doc_string="1 = tissue, 0 = background",
             ),
             helper.make_tensor_value_info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
+import itertools
 import os
 import re
 import struct
@@ -55,12 +56,27 @@ class SlideFormat(enum.StrEnum):
         return self in TIFF_FORMATS
 
 
-SUPPORTED_FORMATS = frozenset({SlideFormat.APERIO_SVS, SlideFormat.HAMAMATSU_NDPI,
-                               SlideFormat.GENERIC_TIFF, SlideFormat.DICOM_WSI})
-TIFF_FORMATS = frozenset({SlideFormat.APERIO_SVS, SlideFormat.HAMAMATSU_NDPI,
-                          SlideFormat.GENERIC_TIFF, SlideFormat.OME_TIFF, SlideFormat.QPTIFF,
-                          SlideFormat.OLYMPUS_VSI, SlideFormat.PHILIPS_TIFF,
-                          SlideFormat.VENTANA_BIF, SlideFormat.LEICA_SCN})
+SUPPORTED_FORMATS = frozenset(
+    {
+        SlideFormat.APERIO_SVS,
+        SlideFormat.HAMAMATSU_NDPI,
+        SlideFormat.GENERIC_TIFF,
+        SlideFormat.DICOM_WSI,
+    }
+)
+TIFF_FORMATS = frozenset(
+    {
+        SlideFormat.APERIO_SVS,
+        SlideFormat.HAMAMATSU_NDPI,
+        SlideFormat.GENERIC_TIFF,
+        SlideFormat.OME_TIFF,
+        SlideFormat.QPTIFF,
+        SlideFormat.OLYMPUS_VSI,
+        SlideFormat.PHILIPS_TIFF,
+        SlideFormat.VENTANA_BIF,
+        SlideFormat.LEICA_SCN,
+    }
+)
 
 
 class InvalidSlide(Exception):
@@ -192,10 +208,14 @@ def sniff_file(path: str | os.PathLike[str]) -> SlideFormat:
 
 
 def _tiff_by_extension(ext: str) -> SlideFormat:
-    return {".svs": SlideFormat.APERIO_SVS, ".ndpi": SlideFormat.HAMAMATSU_NDPI,
-            ".vsi": SlideFormat.OLYMPUS_VSI, ".qptiff": SlideFormat.QPTIFF,
-            ".scn": SlideFormat.LEICA_SCN, ".bif": SlideFormat.VENTANA_BIF}.get(
-                ext, SlideFormat.GENERIC_TIFF)
+    return {
+        ".svs": SlideFormat.APERIO_SVS,
+        ".ndpi": SlideFormat.HAMAMATSU_NDPI,
+        ".vsi": SlideFormat.OLYMPUS_VSI,
+        ".qptiff": SlideFormat.QPTIFF,
+        ".scn": SlideFormat.LEICA_SCN,
+        ".bif": SlideFormat.VENTANA_BIF,
+    }.get(ext, SlideFormat.GENERIC_TIFF)
 
 
 def classify_tiff(st: TiffStructure, ext: str = "") -> SlideFormat:
@@ -233,8 +253,11 @@ def _sniff_dicom_head(head: bytes) -> SlideFormat:
     try:
         return _sniff_dicom_file(io.BytesIO(head))
     except InvalidSlide:
-        return SlideFormat.DICOM_WSI if WSM_SOP_CLASS.encode() in head[:4096] else (
-            SlideFormat.DICOM_OTHER)
+        return (
+            SlideFormat.DICOM_WSI
+            if WSM_SOP_CLASS.encode() in head[:4096]
+            else (SlideFormat.DICOM_OTHER)
+        )
 
 
 def _sniff_dicom_file(fh: BinaryIO) -> SlideFormat:
@@ -244,7 +267,7 @@ def _sniff_dicom_file(fh: BinaryIO) -> SlideFormat:
 
 
 def _read_dicom_meta(fh: BinaryIO) -> Any:
-    from pydicom import filereader  # noqa: PLC0415 - heavy import only when needed
+    from pydicom import filereader
 
     try:
         with warnings.catch_warnings():
@@ -256,8 +279,9 @@ def _read_dicom_meta(fh: BinaryIO) -> Any:
 
 
 # --- inspection ----------------------------------------------------------------------------
-def inspect_slide(path: str | os.PathLike[str], fmt: SlideFormat | None = None,
-                  limits: SlideLimits | None = None) -> SlideInfo:
+def inspect_slide(
+    path: str | os.PathLike[str], fmt: SlideFormat | None = None, limits: SlideLimits | None = None
+) -> SlideInfo:
     """Validate the slide structure cheaply and describe it; raise :class:`InvalidSlide`."""
     limits = limits or SlideLimits()
     p = Path(path)
@@ -268,8 +292,9 @@ def inspect_slide(path: str | os.PathLike[str], fmt: SlideFormat | None = None,
     if detected is SlideFormat.UNKNOWN:
         raise InvalidSlide(NOT_A_SLIDE, "not a recognised slide format")
     if fmt is not None and fmt is not detected:
-        raise InvalidSlide(FORMAT_MISMATCH, f"declared format {fmt.value} but content is "
-                           f"{detected.value}")
+        raise InvalidSlide(
+            FORMAT_MISMATCH, f"declared format {fmt.value} but content is {detected.value}"
+        )
     if not detected.supported:
         raise InvalidSlide(UNSUPPORTED_FORMAT, f"format {detected.value} is not supported")
     if detected is SlideFormat.DICOM_WSI:
@@ -364,8 +389,10 @@ def _inspect_tiff(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInf
             raise _tiff_invalid(exc) from exc
         _check_dims(w, h, limits, f"IFD {ifd.index}")
         if comp not in TIFF_COMPRESSIONS:
-            raise InvalidSlide(UNSUPPORTED_COMPRESSION,
-                               f"IFD {ifd.index}: TIFF compression {comp} is not supported")
+            raise InvalidSlide(
+                UNSUPPORTED_COMPRESSION,
+                f"IFD {ifd.index}: TIFF compression {comp} is not supported",
+            )
         compression = compression or TIFF_COMPRESSIONS[comp]
         try:
             segs = tiff.check_segments(ifd, st.file_size)
@@ -381,8 +408,10 @@ def _inspect_tiff(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInf
             depth = ifd.int_value(tiff.IMAGE_DEPTH, 1) or 1
             expected = -(-w // tw) * -(-h // th) * planes * depth
             if len(segs) != expected:
-                raise InvalidSlide(MALFORMED_FILE, f"IFD {ifd.index}: TileOffsets count does not "
-                                   "match the image geometry")
+                raise InvalidSlide(
+                    MALFORMED_FILE,
+                    f"IFD {ifd.index}: TileOffsets count does not match the image geometry",
+                )
         elif fmt is SlideFormat.HAMAMATSU_NDPI:
             tile = _ndpi_tile(path, segs, comp)
         if not any(cnt for _o, cnt in segs):
@@ -391,13 +420,23 @@ def _inspect_tiff(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInf
     base = infos[0]
     if base.width * base.height > limits.max_total_pixels:
         raise InvalidSlide(ABSURD_DIMENSIONS, f"level 0 exceeds {limits.max_total_pixels} px")
-    for prev, cur in zip(infos, infos[1:], strict=False):
-        if cur.width > prev.width or cur.height > prev.height:
-            if fmt is SlideFormat.GENERIC_TIFF:
-                raise InvalidSlide(MALFORMED_FILE, "pyramid levels are not in decreasing size")
+    for prev, cur in itertools.pairwise(infos):
+        if fmt is SlideFormat.GENERIC_TIFF and (cur.width > prev.width or cur.height > prev.height):
+            raise InvalidSlide(MALFORMED_FILE, "pyramid levels are not in decreasing size")
     mpp_x, mpp_y, power = slide_resolution(st, fmt, levels[0])
-    return SlideInfo(fmt, base.width, base.height, tuple(infos), base.tile_width,
-                     base.tile_height, compression, mpp_x, mpp_y, power, st.file_size)
+    return SlideInfo(
+        fmt,
+        base.width,
+        base.height,
+        tuple(infos),
+        base.tile_width,
+        base.tile_height,
+        compression,
+        mpp_x,
+        mpp_y,
+        power,
+        st.file_size,
+    )
 
 
 def _ndpi_tile(path: Path, segs: Sequence[tuple[int, int]], comp: int) -> tuple[int, int] | None:
@@ -417,8 +456,9 @@ _MPP_FIELD = re.compile(r"\|\s*MPP\s*=\s*([0-9.]+)")
 _APPMAG_FIELD = re.compile(r"\|\s*AppMag\s*=\s*([0-9.]+)")
 
 
-def slide_resolution(st: TiffStructure, fmt: SlideFormat,
-                     level0: TiffIfd) -> tuple[float | None, float | None, float | None]:
+def slide_resolution(
+    st: TiffStructure, fmt: SlideFormat, level0: TiffIfd
+) -> tuple[float | None, float | None, float | None]:
     """(mpp_x, mpp_y, objective power) from vendor metadata or TIFF resolution tags."""
     power: float | None = None
     if fmt is SlideFormat.APERIO_SVS:
@@ -496,7 +536,7 @@ def jpeg_header_info(data: bytes) -> JpegHeaderInfo | None:
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if length < 2 or pos + 2 + length > n:
             return None
-        body = data[pos + 4: pos + 2 + length]
+        body = data[pos + 4 : pos + 2 + length]
         if marker in (0xC0, 0xC1, 0xC2, 0xC3) and len(body) >= 6:
             _p, h, w, nc = struct.unpack_from(">BHHB", body, 0)
             hmax = vmax = 1
@@ -529,11 +569,11 @@ def _inspect_dicom(path: Path, limits: SlideLimits) -> SlideInfo:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     flavor = image_type[2] if len(image_type) > 2 else ""
     if flavor in ("LABEL", "OVERVIEW"):
-        raise InvalidSlide(ASSOCIATED_IMAGE_ONLY, f"the instance is a {flavor} image, not a "
-                           "pyramid level")
+        raise InvalidSlide(
+            ASSOCIATED_IMAGE_ONLY, f"the instance is a {flavor} image, not a pyramid level"
+        )
     if flavor not in ("VOLUME", "THUMBNAIL"):
-        raise InvalidSlide(NO_PYRAMID_LEVEL, "ImageType (0008,0008) does not mark a pyramid "
-                           "level")
+        raise InvalidSlide(NO_PYRAMID_LEVEL, "ImageType (0008,0008) does not mark a pyramid level")
     w = _dicom_int(ds, "TotalPixelMatrixColumns") or _dicom_int(ds, "Columns")
     h = _dicom_int(ds, "TotalPixelMatrixRows") or _dicom_int(ds, "Rows")
     tw, th = _dicom_int(ds, "Columns"), _dicom_int(ds, "Rows")
@@ -561,8 +601,19 @@ def _inspect_dicom(path: Path, limits: SlideLimits) -> SlideInfo:
     mpp_x, mpp_y = dicom_pixel_spacing_um(ds)
     power = dicom_objective_power(ds)
     level = LevelInfo(w, h, tw, th)
-    return SlideInfo(SlideFormat.DICOM_WSI, w, h, (level,), tw, th,
-                     DICOM_TRANSFER_SYNTAXES[ts], mpp_x, mpp_y, power, parsed.file_size)
+    return SlideInfo(
+        SlideFormat.DICOM_WSI,
+        w,
+        h,
+        (level,),
+        tw,
+        th,
+        DICOM_TRANSFER_SYNTAXES[ts],
+        mpp_x,
+        mpp_y,
+        power,
+        parsed.file_size,
+    )
 
 
 def _dicom_int(ds: Any, keyword: str) -> int | None:
@@ -645,12 +696,13 @@ _MAX_FRAGMENTS = 1 << 24
 _ITEM, _SEQ_DELIM = 0xE000, 0xE0DD
 
 
-def read_dicom_header(path: str | os.PathLike[str],
-                      max_fragments: int = _MAX_FRAGMENTS) -> DicomHeader:
+def read_dicom_header(
+    path: str | os.PathLike[str], max_fragments: int = _MAX_FRAGMENTS
+) -> DicomHeader:
     """Read everything before Pixel Data with pydicom and locate the pixel data fragments
     without reading them. Only little-endian transfer syntaxes are accepted."""
-    import pydicom  # noqa: PLC0415
-    from pydicom import filereader  # noqa: PLC0415
+    import pydicom
+    from pydicom import filereader
 
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -678,8 +730,9 @@ def read_dicom_header(path: str | os.PathLike[str],
     return DicomHeader(ds, ts, pixel, size)
 
 
-def _locate_pixel_data(fh: BinaryIO, pos: int, size: int, implicit: bool,
-                       max_fragments: int) -> PixelDataInfo:
+def _locate_pixel_data(
+    fh: BinaryIO, pos: int, size: int, implicit: bool, max_fragments: int
+) -> PixelDataInfo:
     def read(at: int, n: int) -> bytes:
         if at + n > size:
             raise DicomStructureError("TRUNCATED", "pixel data runs past the end of the file")
@@ -718,8 +771,10 @@ def _locate_pixel_data(fh: BinaryIO, pos: int, size: int, implicit: bool,
         if e == _SEQ_DELIM:
             break
         if e != _ITEM or ln == 0xFFFFFFFF or at + ln > size:
-            raise DicomStructureError("TRUNCATED" if at + ln > size else "BAD_PIXEL_DATA",
-                                      "malformed encapsulated pixel data item")
+            raise DicomStructureError(
+                "TRUNCATED" if at + ln > size else "BAD_PIXEL_DATA",
+                "malformed encapsulated pixel data item",
+            )
         if first:
             if ln % 4:
                 raise DicomStructureError("BAD_PIXEL_DATA", "basic offset table length")

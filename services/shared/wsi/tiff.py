@@ -207,7 +207,7 @@ class TiffTag:
             values[0] |= self.high << 32
         return values
 
-    def int(self) -> int:
+    def first(self) -> int:
         values = self.ints()
         if not values:
             raise TiffError("UNEXPECTED_TAG_TYPE", f"{self.name} has no value")
@@ -263,7 +263,7 @@ class TiffIfd:
         tag = self.tags.get(code)
         if tag is None:
             return default
-        return tag.int()
+        return tag.first()
 
     @property
     def width(self) -> int:
@@ -307,12 +307,16 @@ class TiffIfd:
         off_code, cnt_code = self.data_tags()
         off_tag, cnt_tag = self.tags.get(off_code), self.tags.get(cnt_code)
         if off_tag is None or cnt_tag is None:
-            raise TiffError("MISSING_IMAGE_DATA", f"IFD {self.index} lacks {tag_name(off_code)}"
-                            f" or {tag_name(cnt_code)}")
+            raise TiffError(
+                "MISSING_IMAGE_DATA",
+                f"IFD {self.index} lacks {tag_name(off_code)} or {tag_name(cnt_code)}",
+            )
         offsets, counts = off_tag.ints(), cnt_tag.ints()
         if len(offsets) != len(counts):
-            raise TiffError("BAD_SEGMENTS", f"IFD {self.index}: {tag_name(off_code)} and "
-                            f"{tag_name(cnt_code)} differ in length")
+            raise TiffError(
+                "BAD_SEGMENTS",
+                f"IFD {self.index}: {tag_name(off_code)} and {tag_name(cnt_code)} differ in length",
+            )
         hi_off = self.tags.get(NDPI_OFFSET_HIGH_BYTES)
         hi_cnt = self.tags.get(NDPI_BYTECOUNT_HIGH_BYTES)
         if hi_off is not None and off_code == STRIP_OFFSETS:
@@ -397,8 +401,12 @@ def _file_size(fh: BinaryIO) -> int:
     return size
 
 
-def read_tiff(source: str | os.PathLike[str] | BinaryIO | bytes,
-              limits: TiffLimits = DEFAULT_LIMITS, *, first_only: bool = False) -> TiffStructure:
+def read_tiff(
+    source: str | os.PathLike[str] | BinaryIO | bytes,
+    limits: TiffLimits = DEFAULT_LIMITS,
+    *,
+    first_only: bool = False,
+) -> TiffStructure:
     """Parse the TIFF structure of a path, open binary file or in-memory bytes.
 
     ``first_only`` stops after the first IFD (used to sniff a file from its first bytes).
@@ -468,8 +476,15 @@ def _looks_like_ndpi(rd: _Reader, offset: int, budget: _Budget) -> bool:
     return any(struct.unpack_from("<H", block, 12 * i)[0] == NDPI_FORMAT_FLAG for i in range(n))
 
 
-def _read_ifd(rd: _Reader, offset: int, flavor: TiffFlavor, bo: ByteOrder, budget: _Budget,
-              index: int, depth: int) -> TiffIfd:
+def _read_ifd(
+    rd: _Reader,
+    offset: int,
+    flavor: TiffFlavor,
+    bo: ByteOrder,
+    budget: _Budget,
+    index: int,
+    depth: int,
+) -> TiffIfd:
     limits = budget.limits
     if offset in budget.visited:
         raise TiffError("IFD_LOOP", "an IFD offset repeats (directory loop)")
@@ -527,8 +542,9 @@ def _read_ifd(rd: _Reader, offset: int, flavor: TiffFlavor, bo: ByteOrder, budge
             value_offset = low | (high << 32)
             high = 0
             if value_offset + nbytes > rd.size:
-                raise TiffError("TRUNCATED", f"{tag_name(code)} value lies beyond the end of "
-                                "the file")
+                raise TiffError(
+                    "TRUNCATED", f"{tag_name(code)} value lies beyond the end of the file"
+                )
             budget.tag_bytes += nbytes
             if budget.tag_bytes > limits.max_total_tag_bytes:
                 raise TiffError("METADATA_TOO_LARGE", "tag values exceed the metadata budget")
@@ -557,8 +573,9 @@ def check_segments(ifd: TiffIfd, file_size: int) -> list[tuple[int, int]]:
     segs = ifd.segments()
     for off, cnt in segs:
         if cnt and (off <= 0 or off + cnt > file_size):
-            raise TiffError("TRUNCATED", f"IFD {ifd.index}: image data lies beyond the end of "
-                            "the file")
+            raise TiffError(
+                "TRUNCATED", f"IFD {ifd.index}: image data lies beyond the end of the file"
+            )
     return segs
 
 
@@ -637,8 +654,9 @@ def _align(pos: int, flavor: TiffFlavor) -> int:
     return (pos + a - 1) // a * a
 
 
-def _plan(ifds: Sequence[OutIfd], flavor: TiffFlavor, bo: ByteOrder,
-          src_size: int) -> tuple[list[_PlannedIfd], int]:
+def _plan(
+    ifds: Sequence[OutIfd], flavor: TiffFlavor, bo: ByteOrder, src_size: int
+) -> tuple[list[_PlannedIfd], int]:
     big = flavor is TiffFlavor.BIGTIFF
     header = {TiffFlavor.CLASSIC: 8, TiffFlavor.BIGTIFF: 16, TiffFlavor.NDPI: 12}[flavor]
     inline = 8 if big else 4
@@ -669,18 +687,24 @@ def _plan(ifds: Sequence[OutIfd], flavor: TiffFlavor, bo: ByteOrder,
             s, _e, d = runs[lo]
             new_offsets.append(d + (off - s))
         counts = [cnt for _off, cnt in out.segments]
-        off_code, cnt_code = ((TILE_OFFSETS, TILE_BYTE_COUNTS) if out.tiled
-                              else (STRIP_OFFSETS, STRIP_BYTE_COUNTS))
+        off_code, cnt_code = (
+            (TILE_OFFSETS, TILE_BYTE_COUNTS) if out.tiled else (STRIP_OFFSETS, STRIP_BYTE_COUNTS)
+        )
         # offset values are only final once the layout is fixed; sizes are known already
         off_type = LONG8 if big else LONG
         cnt_type = LONG8 if big and any(c > 0xFFFFFFFF for c in counts) else LONG
-        placeholder_off = OutTag(off_code, off_type, len(counts),
-                                 b"\x00" * (TYPE_SIZES[off_type] * len(counts)))
-        placeholder_cnt = OutTag(cnt_code, cnt_type, len(counts),
-                                 b"\x00" * (TYPE_SIZES[cnt_type] * len(counts)))
+        placeholder_off = OutTag(
+            off_code, off_type, len(counts), b"\x00" * (TYPE_SIZES[off_type] * len(counts))
+        )
+        placeholder_cnt = OutTag(
+            cnt_code, cnt_type, len(counts), b"\x00" * (TYPE_SIZES[cnt_type] * len(counts))
+        )
         by_code = {t.code: t for t in out.tags}
-        if off_code in by_code or cnt_code in by_code or by_code.keys() & {
-                NDPI_OFFSET_HIGH_BYTES, NDPI_BYTECOUNT_HIGH_BYTES}:
+        if (
+            off_code in by_code
+            or cnt_code in by_code
+            or by_code.keys() & {NDPI_OFFSET_HIGH_BYTES, NDPI_BYTECOUNT_HIGH_BYTES}
+        ):
             raise TiffError("WRITER_MISUSE", "image data tags must not be passed explicitly")
         by_code[off_code] = placeholder_off
         by_code[cnt_code] = placeholder_cnt
@@ -703,8 +727,9 @@ def _plan(ifds: Sequence[OutIfd], flavor: TiffFlavor, bo: ByteOrder,
     return planned, pos
 
 
-def _encode_value_field(t: OutTag, flavor: TiffFlavor, bo: ByteOrder,
-                        value_at: int | None) -> tuple[bytes, int]:
+def _encode_value_field(
+    t: OutTag, flavor: TiffFlavor, bo: ByteOrder, value_at: int | None
+) -> tuple[bytes, int]:
     """Entry value field bytes and (NDPI) high word."""
     if flavor is TiffFlavor.BIGTIFF:
         if value_at is not None:
@@ -724,9 +749,15 @@ def _finalise_data_tags(p: _PlannedIfd, flavor: TiffFlavor, bo: ByteOrder) -> No
             values = p.new_offsets if t.code in (STRIP_OFFSETS, TILE_OFFSETS) else p.counts
             if t.dtype == LONG:
                 if flavor is TiffFlavor.NDPI and len(values) == 1 and values[0] > 0xFFFFFFFF:
-                    fixed.append(OutTag(t.code, LONG, 1,
-                                        struct.pack("<I", values[0] & 0xFFFFFFFF),
-                                        values[0] >> 32))
+                    fixed.append(
+                        OutTag(
+                            t.code,
+                            LONG,
+                            1,
+                            struct.pack("<I", values[0] & 0xFFFFFFFF),
+                            values[0] >> 32,
+                        )
+                    )
                     continue
                 if any(v > 0xFFFFFFFF for v in values):
                     raise TiffError("OFFSET_OVERFLOW", f"{tag_name(t.code)} exceeds 32 bits")
@@ -736,8 +767,15 @@ def _finalise_data_tags(p: _PlannedIfd, flavor: TiffFlavor, bo: ByteOrder) -> No
     p.tags = fixed
 
 
-def write_tiff(src: BinaryIO, dst: BinaryIO, ifds: Sequence[OutIfd], *, byteorder: ByteOrder,
-               flavor: TiffFlavor, buffer_size: int = COPY_BUFFER) -> WriteResult:
+def write_tiff(
+    src: BinaryIO,
+    dst: BinaryIO,
+    ifds: Sequence[OutIfd],
+    *,
+    byteorder: ByteOrder,
+    flavor: TiffFlavor,
+    buffer_size: int = COPY_BUFFER,
+) -> WriteResult:
     """Write a new TIFF to ``dst`` (positioned at 0) from ``ifds``, copying image data
     verbatim from ``src``. A classic file that would exceed 4 GiB becomes BigTIFF."""
     if not ifds:
@@ -781,8 +819,9 @@ def write_tiff(src: BinaryIO, dst: BinaryIO, ifds: Sequence[OutIfd], *, byteorde
     if size != total:
         raise TiffError("WRITER_INTERNAL", "layout mismatch")
     dst.flush()
-    return WriteResult(flavor, size, [p.ifd_at for p in planned],
-                       [list(p.new_offsets) for p in planned])
+    return WriteResult(
+        flavor, size, [p.ifd_at for p in planned], [list(p.new_offsets) for p in planned]
+    )
 
 
 def _ifd_block(p: _PlannedIfd, flavor: TiffFlavor, bo: ByteOrder, next_ifd: int) -> bytes:
@@ -836,11 +875,12 @@ class _Writer:
         if self._fast:
             try:
                 self._copy_kernel(offset, length)
-                return
             except OSError:
                 self._fast = False  # e.g. EXDEV/EINVAL: fall back to a user-space copy
                 self.dst.seek(self.pos)
                 self.dst.truncate()
+            else:
+                return
         self._copy_user(offset, length)
 
     def _copy_kernel(self, offset: int, length: int) -> None:
@@ -849,8 +889,9 @@ class _Writer:
         done = 0
         start = self.pos
         while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30),
-                                   offset + done, start + done)
+            n = os.copy_file_range(
+                src_fd, dst_fd, min(length - done, 1 << 30), offset + done, start + done
+            )
             if n <= 0:
                 raise TiffError("TRUNCATED", "source ended while copying image data")
             done += n

@@ -213,8 +213,9 @@ class DeepZoomBuilder:
 
     def _read(self, level: int, rect: Rect) -> Image.Image:
         source_level, src = self._source(level, rect)
-        return read_scaled(self._handle.slide, source_level, src, (rect[2], rect[3]),
-                           self._background)
+        return read_scaled(
+            self._handle.slide, source_level, src, (rect[2], rect[3]), self._background
+        )
 
     def _small_level(self, level: int) -> tuple[Image.Image, list[Rect]] | None:
         """Whole image of a small Deep Zoom level (<= SMALL_LEVEL_PIXELS) and its unreadable

@@ -22,7 +22,9 @@ from typing import Any, Final, NamedTuple
 
 DZI_NAMESPACE: Final = "http://schemas.microsoft.com/deepzoom/2008"
 # Older Deep Zoom Composer output uses the 2009 namespace; the schema is otherwise the same.
-_ACCEPTED_NAMESPACES: Final = frozenset({DZI_NAMESPACE, "http://schemas.microsoft.com/deepzoom/2009"})
+_ACCEPTED_NAMESPACES: Final = frozenset(
+    {DZI_NAMESPACE, "http://schemas.microsoft.com/deepzoom/2009"}
+)
 
 SUPPORTED_FORMATS: Final = ("jpeg", "png")
 CONTENT_TYPES: Final = {"jpeg": "image/jpeg", "png": "image/png"}

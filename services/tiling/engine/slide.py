@@ -200,8 +200,9 @@ def read_low_res(
     Raises :class:`openslide.OpenSlideError` if any part cannot be decoded."""
     level, out_w, out_h = _low_res_plan(slide, max_side)
     level_w, level_h = slide.level_dimensions[level]
-    return read_scaled(slide, level, (0.0, 0.0, float(level_w), float(level_h)),
-                       (out_w, out_h), background)
+    return read_scaled(
+        slide, level, (0.0, 0.0, float(level_w), float(level_h)), (out_w, out_h), background
+    )
 
 
 class SlideHandle:

@@ -1,0 +1,443 @@
+"""After-the-fact verification of a de-identified slide.
+
+The output is re-read independently of the code that wrote it:
+
+* TIFF formats: our own parser (structure, every tag against the format's output allow-list,
+  vendor text re-validated, no label/macro, every byte of the file accounted for - no hidden
+  gaps or trailing data), tifffile (same IFDs and tags; sample tiles of every IFD decoded) and
+  OpenSlide (same vendor, no label/macro associated image, a level-0 region decodes).
+* DICOM: pydicom (every element of every nested sequence against the keep-list, no private
+  attributes, de-identification marks present, no data after Pixel Data), our own fragment
+  walker, and sample frames decoded with imagecodecs.
+* Both: the whole output byte stream is searched for every identifying value seen in the
+  input (UTF-8, Latin-1, UTF-16 LE/BE; numbers/dates only when not part of a longer number).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.deid.engine import aperio, generic_tiff, hamamatsu, streams
+from services.deid.engine.dicom_deid import check_instance
+from services.deid.engine.dicom_rules import (
+    CONTENT_ITEM_TEXT,
+    DATE_VRS,
+    DUMMY_BY_VR,
+    OUTPUT_ALLOWED,
+    RULES,
+    SPECIMEN_ID_CONCEPTS,
+    Act,
+)
+from services.deid.engine.model import (
+    CORRUPT_IMAGE_DATA,
+    UNSUPPORTED_FORMAT,
+    VERIFICATION_FAILED,
+    DeidPolicy,
+    DeidRejected,
+)
+from services.deid.engine.tiff_common import check_icc_profile, check_jpeg_tables
+from services.shared.wsi import tiff
+from services.shared.wsi.sniff import (
+    DicomHeader,
+    DicomStructureError,
+    SlideFormat,
+    classify_tiff,
+    read_dicom_header,
+)
+from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
+
+_MAX_GAP = 8
+_PSEUDONYM = re.compile(r"^[A-Za-z0-9_.\-]+-[a-z]{3}-[a-z2-7]{24}$")
+_SAMPLES_PER_LEVEL = 3
+_STREAM_MIN_PATTERN = 6
+_OPENSLIDE_VENDOR = {
+    SlideFormat.APERIO_SVS: "aperio",
+    SlideFormat.HAMAMATSU_NDPI: "hamamatsu",
+    SlideFormat.GENERIC_TIFF: "generic-tiff",
+}
+_META_TAGS = frozenset(
+    {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
+)
+
+
+def _fail(detail: str) -> DeidRejected:
+    return DeidRejected(VERIFICATION_FAILED, detail)
+
+
+def verify(
+    path: Path, fmt: SlideFormat, forbidden: Sequence[bytes], policy: DeidPolicy | None = None
+) -> None:
+    """Raise :class:`DeidRejected` unless ``path`` is a clean, readable de-identified slide."""
+    policy = policy or DeidPolicy()
+    path = Path(path)
+    if fmt is SlideFormat.DICOM_WSI:
+        regions = _verify_dicom(path, policy)
+    elif fmt in _OPENSLIDE_VENDOR:
+        regions = _verify_tiff(path, fmt)
+    else:
+        raise DeidRejected(UNSUPPORTED_FORMAT, f"cannot verify format {fmt.value}")
+    search_forbidden(path, forbidden, regions, policy)
+
+
+# --- forbidden values ------------------------------------------------------------------------
+def search_forbidden(
+    path: Path, forbidden: Iterable[bytes], metadata: Sequence[tuple[int, int]], policy: DeidPolicy
+) -> None:
+    values = [v for v in forbidden if len(v) >= policy.min_forbidden_length]
+    if not values:
+        return
+    variants = [p for v in values for p in streams.pattern_variants(v)]
+    meta_patterns = streams.minimal_patterns(variants)
+    numeric = {p for p in meta_patterns if streams.is_numeric_pattern(p)}
+    stream_patterns = streams.minimal_patterns(p for p in variants if len(p) >= _STREAM_MIN_PATTERN)
+    with open(path, "rb") as fh:
+        for start, end in metadata:
+            fh.seek(start)
+            data = fh.read(end - start)
+            for p in meta_patterns:
+                if streams.find_value(data, p, p in numeric):
+                    raise _fail(
+                        "an identifying value from the input is present in the output metadata"
+                    )
+        if streams.stream_contains(fh, stream_patterns, policy.buffer_size) is not None:
+            raise _fail("an identifying value from the input is present in the output bytes")
+
+
+# --- TIFF ------------------------------------------------------------------------------------
+def _allowed_tags(fmt: SlideFormat) -> frozenset[int]:
+    if fmt is SlideFormat.APERIO_SVS:
+        return aperio.RULES.allowed_output_tags()
+    if fmt is SlideFormat.HAMAMATSU_NDPI:
+        return hamamatsu.output_tags()
+    return generic_tiff.RULES.allowed_output_tags() - {tiff.IMAGE_DESCRIPTION}
+
+
+def _verify_tiff(path: Path, fmt: SlideFormat) -> list[tuple[int, int]]:
+    try:
+        st = tiff.read_tiff(path)
+    except TiffError as exc:
+        raise _fail(f"output TIFF structure: {exc.reason}") from exc
+    if classify_tiff(st) is not fmt:
+        raise _fail("output is no longer recognised as the input format")
+    allowed = _allowed_tags(fmt)
+    for ifd in st.ifds:
+        _check_ifd(ifd, fmt, allowed)
+    if fmt is SlideFormat.APERIO_SVS:
+        problem = aperio.thumbnail_ok(st.ifds)
+        if problem:
+            raise _fail(problem)
+    meta = _check_coverage(path, st)
+    _check_stream_markers(path, st)
+    _check_with_tifffile(path, st, fmt)
+    _check_with_openslide(path, fmt)
+    return meta
+
+
+def _check_ifd(ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int]) -> None:
+    where = f"IFD {ifd.index}"
+    if ifd.children:
+        raise _fail(f"{where} has child IFDs")
+    for code, tag in ifd.tags.items():
+        if code not in allowed:
+            raise _fail(f"{where} carries {tiff.tag_name(code)} (tag {code})")
+        if code == 347 and not check_jpeg_tables(tag.data):
+            raise _fail(f"{where}: JPEGTables holds more than tables")
+        if code == 34675 and not check_icc_profile(tag.data):
+            raise _fail(f"{where}: InterColorProfile is not an ICC profile")
+    if fmt is SlideFormat.APERIO_SVS:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if desc is not None:
+            problem = aperio.verify_description(desc.text())
+            if problem:
+                raise _fail(f"{where}: {problem}")
+    elif fmt is SlideFormat.HAMAMATSU_NDPI:
+        lens = hamamatsu.source_lens(ifd)
+        if lens is None or lens <= 0:
+            raise _fail(f"{where} is not a pyramid level (macro or map)")
+        props = ifd.get(hamamatsu.PROPERTY_MAP)
+        if props is not None:
+            for line in props.text().splitlines():
+                key = line.split("=", 1)[0].strip()
+                if line.strip() and key not in hamamatsu.PROPERTY_KEEP:
+                    raise _fail(f"{where}: NDPI property map holds a key outside the keep-list")
+    elif not ifd.is_tiled:
+        raise _fail(f"{where} is a stripped (non-pyramid) image")
+
+
+def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
+    """Every byte must belong to the header, an IFD, a tag value or image data, except a few
+    zero bytes of alignment padding; nothing may follow the last referenced byte."""
+    meta = _merge(st.metadata_regions())
+    data: list[tuple[int, int]] = []
+    for ifd in st.ifds:
+        try:
+            segs = tiff.check_segments(ifd, st.file_size)
+        except TiffError as exc:
+            raise _fail(f"IFD {ifd.index}: {exc.reason}") from exc
+        data.extend((o, o + c) for o, c in segs if c)
+    spans = _merge(meta + data)
+    with open(path, "rb") as fh:
+        pos = 0
+        for start, end in spans:
+            if start > pos:
+                if start - pos > _MAX_GAP:
+                    raise _fail("the output holds unreferenced bytes")
+                fh.seek(pos)
+                if fh.read(start - pos).strip(b"\x00"):
+                    raise _fail("the output holds non-zero padding")
+            pos = max(pos, end)
+        if pos != st.file_size:
+            raise _fail("the output has trailing bytes after the last referenced region")
+    return meta
+
+
+_MARKERS = {
+    7: (b"\xff\xd8", b"\xff\xd9"),
+    33003: (b"\xff\x4f", b"\xff\xd9"),
+    33005: (b"\xff\x4f", b"\xff\xd9"),
+    34712: (b"\xff\x4f", b"\xff\xd9"),
+}
+
+
+def _check_stream_markers(path: Path, st: TiffStructure) -> None:
+    """Every JPEG / JPEG 2000 tile must start with SOI/SOC and end with EOI/EOC: a cheap test
+    of all tiles (sample tiles are fully decoded separately)."""
+    jobs: list[tuple[int, int, int, int]] = []
+    for ifd in st.ifds:
+        markers = _MARKERS.get(ifd.compression)
+        if markers is None:
+            continue
+        for i, (off, cnt) in enumerate(ifd.segments()):
+            if cnt:
+                jobs.append((off, cnt, ifd.index, i))
+    jobs.sort()
+    by_index = {ifd.index: ifd for ifd in st.ifds}
+    with open(path, "rb") as fh:
+        for off, cnt, index, i in jobs:
+            start, end = _MARKERS[by_index[index].compression]
+            fh.seek(off)
+            head = fh.read(2)
+            fh.seek(off + max(0, cnt - 16))
+            tail = fh.read(min(cnt, 16)).rstrip(b"\x00")
+            if head != start or not tail.endswith(end) or cnt < 4:
+                raise DeidRejected(
+                    CORRUPT_IMAGE_DATA, f"IFD {index}: tile {i} is not a complete compressed stream"
+                )
+
+
+def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _sample_indices(counts: Sequence[int]) -> list[int]:
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return []
+    picks = {nonzero[0], nonzero[len(nonzero) // 2], nonzero[-1]}
+    return sorted(picks)[:_SAMPLES_PER_LEVEL]
+
+
+def _check_with_tifffile(path: Path, st: TiffStructure, fmt: SlideFormat) -> None:
+    import tifffile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tf = tifffile.TiffFile(path, is_ndpi=fmt is SlideFormat.HAMAMATSU_NDPI)
+    except Exception as exc:
+        raise _fail(f"tifffile cannot open the output ({type(exc).__name__})") from exc
+    with tf:
+        pages = list(tf.pages)
+        if len(pages) != len(st.ifds):
+            raise _fail("tifffile and the parser disagree on the number of IFDs")
+        for page, ifd in zip(pages, st.ifds, strict=True):
+            if not isinstance(page, tifffile.TiffPage):
+                raise _fail(f"IFD {ifd.index}: tifffile returned a frame, not a page")
+            codes = {t.code for t in page.tags}
+            if codes != set(ifd.tags):
+                raise _fail(f"IFD {ifd.index}: tifffile and the parser disagree on the tags")
+            fh = tf.filehandle
+            for i in _sample_indices(page.databytecounts):
+                fh.seek(page.dataoffsets[i])
+                data = fh.read(page.databytecounts[i])
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        segment, _idx, _shape = page.decode(
+                            data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader
+                        )
+                except Exception as exc:
+                    raise DeidRejected(
+                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {i} does not decode"
+                    ) from exc
+                if segment is None or not np.asarray(segment).size:
+                    raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {i} is empty")
+
+
+def _check_with_openslide(path: Path, fmt: SlideFormat) -> None:
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as exc:
+        raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot open the output") from exc
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise _fail("OpenSlide does not recognise the output") from exc
+    try:
+        vendor = slide.properties.get("openslide.vendor")
+        if vendor != _OPENSLIDE_VENDOR[fmt]:
+            raise _fail("OpenSlide sees a different vendor format")
+        assoc = set(slide.associated_images.keys())
+        if assoc - {"thumbnail"}:
+            raise _fail("OpenSlide lists a label/macro associated image")
+        w, h = slide.level_dimensions[0]
+        try:
+            slide.read_region((0, 0), 0, (min(w, 512), min(h, 512)))
+        except openslide.OpenSlideError as exc:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot decode level 0") from exc
+    finally:
+        slide.close()
+
+
+# --- DICOM -----------------------------------------------------------------------------------
+def _verify_dicom(path: Path, policy: DeidPolicy) -> list[tuple[int, int]]:
+    try:
+        hdr = read_dicom_header(path)
+    except DicomStructureError as exc:
+        raise _fail(f"output DICOM structure: {exc.reason}") from exc
+    with open(path, "rb") as fh:
+        if fh.read(128).strip(b"\x00"):
+            raise _fail("the DICOM preamble is not empty")
+    ds = hdr.dataset
+    for elem in ds.file_meta:
+        if int(elem.tag) not in _META_TAGS:
+            raise _fail(f"File Meta element ({elem.tag.group:04X},{elem.tag.element:04X})")
+    check_instance(ds)
+    if str(ds.get("PatientIdentityRemoved", "")) != "YES":
+        raise _fail("Patient Identity Removed (0012,0062) is not YES")
+    _walk_dataset(ds, policy, "")
+    if hdr.pixel is None:
+        raise _fail("no Pixel Data")
+    if hdr.trailing_bytes:
+        raise _fail("the output has bytes after Pixel Data")
+    _independent_dicom_parse(path)
+    _decode_frames(path, hdr)
+    return [(0, hdr.pixel.value_offset)]
+
+
+def _walk_dataset(ds: Any, policy: DeidPolicy, where: str, content_item: bool = False) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        elements = list(ds)
+    for elem in elements:
+        tag = int(elem.tag)
+        name = f"{where}({elem.tag.group:04X},{elem.tag.element:04X})"
+        if elem.tag.is_private:
+            raise _fail(f"private attribute {name}")
+        act = RULES.get(tag)
+        if content_item and tag == CONTENT_ITEM_TEXT:
+            continue  # a pseudonymised specimen identifier, checked by _check_content_item
+        if act is None or (tag not in OUTPUT_ALLOWED):
+            raise _fail(f"attribute {name} is not on the keep-list")
+        value = elem.value
+        empty = value is None or value == "" or (isinstance(value, list) and not value)
+        if act is Act.EMPTY and not empty:
+            raise _fail(f"attribute {name} should be empty")
+        if act is Act.SEQ_EMPTY and value:
+            raise _fail(f"sequence {name} should be empty")
+        if (
+            act is Act.SPECIMEN_PREPARATION
+            and value
+            and policy.dicom_specimen_preparation == "empty"
+        ):
+            raise _fail(f"sequence {name} should be empty")
+        if elem.VR in DATE_VRS and not empty and str(value) != DUMMY_BY_VR.get(elem.VR):
+            raise _fail(f"date/time attribute {name} holds a value")
+        if elem.VR == "SQ":
+            for i, item in enumerate(value or []):
+                if act is Act.CONTENT:
+                    _check_content_item(item, f"{name}[{i}]")
+                _walk_dataset(item, policy, f"{name}[{i}].", act is Act.CONTENT)
+
+
+def _check_content_item(item: Any, where: str) -> None:
+    vt = str(item.get("ValueType", "")).upper()
+    if vt in ("CODE", "NUMERIC", "UIDREF"):
+        if "TextValue" in item:
+            raise _fail(f"content item {where} holds text")
+        return
+    seq = item.get("ConceptNameCodeSequence")
+    concept = (
+        (str(seq[0].get("CodeValue", "")), str(seq[0].get("CodingSchemeDesignator", "")))
+        if seq
+        else None
+    )
+    if vt != "TEXT" or concept not in SPECIMEN_ID_CONCEPTS:
+        raise _fail(f"content item {where} is not allowed")
+    if not _PSEUDONYM.match(str(item.get("TextValue", ""))):
+        raise _fail(f"content item {where} holds a specimen identifier that is no pseudonym")
+
+
+def _independent_dicom_parse(path: Path) -> None:
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = pydicom.dcmread(path, defer_size=1024)
+            private = any(elem.tag.is_private for elem in full.iterall())
+    except Exception as exc:
+        raise _fail(f"pydicom cannot parse the whole output ({type(exc).__name__})") from exc
+    if private:
+        raise _fail("private attribute found by the full parse")
+
+
+def _decode_frames(path: Path, hdr: DicomHeader) -> None:
+    import imagecodecs
+    from pydicom import encaps
+
+    ds = hdr.dataset
+    pixel = hdr.pixel
+    assert pixel is not None
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if not pixel.encapsulated:
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 8)
+        if pixel.length < rows * cols * spp * max(1, bits // 8) * frames:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, "native Pixel Data is too short")
+        return
+    ts = hdr.transfer_syntax
+    decoder: Any
+    if ts in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"):
+        decoder = imagecodecs.jpeg8_decode
+    elif ts in ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"):
+        decoder = imagecodecs.ljpeg_decode
+    elif ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):
+        decoder = imagecodecs.jpegls_decode
+    else:
+        decoder = imagecodecs.jpeg2k_decode
+    with open(path, "rb") as fh:
+        for index in sorted({0, frames // 2, frames - 1}):
+            fh.seek(pixel.value_offset)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    frame = encaps.get_frame(fh, index, number_of_frames=frames)
+                    arr = np.asarray(decoder(frame))
+            except Exception as exc:
+                raise DeidRejected(CORRUPT_IMAGE_DATA, f"frame {index} does not decode") from exc
+            if arr.shape[:2] != (rows, cols):
+                raise DeidRejected(CORRUPT_IMAGE_DATA, f"frame {index} has the wrong size")
