@@ -137,23 +137,38 @@ class AccessControl:
         try:
             await self._datasets.insert(doc)
         except DuplicateKey:
+            existing = await self._datasets.get(dataset_id)
+            if existing is not None and existing["created_by"] == caller.subject:
+                # A retry after a crash between the insert and the rest: finish the job.
+                await self._complete_creation(existing)
             raise AlreadyExists("dataset already exists", "DATASET_EXISTS") from None
-        await self._insert_grant(
-            dataset_id,
-            caller.subject,
-            Role.ROLE_DATA_STEWARD,
-            "dataset stewardship",
-            now + STEWARD_TERM,
-            caller.subject,
+        await self._complete_creation(doc)
+        return self._dataset(doc)
+
+    async def _complete_creation(self, doc: dict[str, Any]) -> None:
+        """Steward grant and announcement of a new dataset; safe to repeat."""
+        dataset_id, creator = str(doc["_id"]), str(doc["created_by"])
+        stewards = await self._grants.find(
+            {"dataset_id": dataset_id, "subject": creator, "role": int(Role.ROLE_DATA_STEWARD)}
         )
+        if not stewards:
+            await self._insert_grant(
+                dataset_id,
+                creator,
+                Role.ROLE_DATA_STEWARD,
+                "dataset stewardship",
+                _aware(doc["created_at"]) + STEWARD_TERM,
+                creator,
+            )
         env = new_envelope(
             payload_field="dataset_created",
-            payload=events_pb2.DatasetCreated(name=str(doc["name"]), description=description),
+            payload=events_pb2.DatasetCreated(
+                name=str(doc["name"]), description=str(doc["description"])
+            ),
             dataset_id=dataset_id,
             event_id=event_id_for(dataset_id, "dataset-created"),
         )
         await self._outbox.publish(TOPIC_DATASET_CREATED, env)
-        return self._dataset(doc)
 
     async def get_dataset(self, caller: Principal, dataset_id: str) -> Dataset:
         doc = await self._datasets.get(dataset_id)

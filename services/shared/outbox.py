@@ -35,7 +35,7 @@ class Outbox:
         # Refuse a wrong envelope before recording it: a record that can never be emitted
         # would fail every later flush.
         check_topic(topic, envelope)
-        with contextlib.suppress(DuplicateKey):
+        try:
             await self._col.insert(
                 {
                     "_id": envelope.event_id,
@@ -46,6 +46,10 @@ class Outbox:
                     "trace_context": telemetry.inject_headers(),
                 }
             )
+        except DuplicateKey:
+            existing = await self._col.get(envelope.event_id)
+            if existing is not None and existing.get("sent"):
+                return True  # the broker already acknowledged this very event
         try:
             await self._emitter.emit(topic, envelope)
         except Unavailable:

@@ -46,7 +46,6 @@ LOG_FIELDS = frozenset(
         "code",
         "duration_ms",
         "attempt",
-        "subject",
         "outcome",
         "count",
         "port",

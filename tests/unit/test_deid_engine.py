@@ -45,38 +45,91 @@ def slide(name: str) -> Path:
     return p
 
 
-CMU_VALUES = ["CMU-1", "12/29/09", "09:59:15", "b414003d-95c6-48b0-9369-8010ed517ba7",
-              "CPAPERIOCS", "1004486"]
+CMU_VALUES = [
+    "CMU-1",
+    "12/29/09",
+    "09:59:15",
+    "b414003d-95c6-48b0-9369-8010ed517ba7",
+    "CPAPERIOCS",
+    "1004486",
+]
 # identifying content listed in SOURCES.md, per file
 IDENTIFYING: dict[str, list[str]] = {
     "aperio/CMU-1-Small-Region.svs": CMU_VALUES,
     "aperio/small.svs": CMU_VALUES,
     "hamamatsu/test3-DAPI-2-(387).ndpi": [
-        "2017:02:07 13:06:43", "950291", "950410", "2011/05/23", "2017/01/27"],
+        "2017:02:07 13:06:43",
+        "950291",
+        "950410",
+        "2011/05/23",
+        "2017/01/27",
+    ],
     "hamamatsu/test3-TRITC 2 (560).ndpi": [
-        "2017:02:07 13:07:45", "950291", "950410", "2011/05/23", "2017/01/27"],
+        "2017:02:07 13:07:45",
+        "950291",
+        "950410",
+        "2011/05/23",
+        "2017/01/27",
+    ],
     "generic-tiff/boxes.tiff": [],
     "generic-tiff/yb10kx5k.zstd.tiff": ["conversion_date", "1611234821", "large_image_converter"],
     "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm": [
-        "GenLast", "Penelope", "Bruce", "PN-1-692-287-590-758-1", "16340811", "16730303",
-        "GO-1692287590758", "GO-1692287590758-1-A-0", "Camelyon16", "Example Hospital",
-        "ExampleHospital", "EPATHC-Encrinology Pathology Consult",
-        "GO-1692287590758-1-A-0_tumor_102.tif", "8199076028955445", "039Y",
-        "1.3.6.1.4.1.11129.5.7.999.18649109954048068.909.1692287590758018"],
+        "GenLast",
+        "Penelope",
+        "Bruce",
+        "PN-1-692-287-590-758-1",
+        "16340811",
+        "16730303",
+        "GO-1692287590758",
+        "GO-1692287590758-1-A-0",
+        "Camelyon16",
+        "Example Hospital",
+        "ExampleHospital",
+        "EPATHC-Encrinology Pathology Consult",
+        "GO-1692287590758-1-A-0_tumor_102.tif",
+        "8199076028955445",
+        "039Y",
+        "1.3.6.1.4.1.11129.5.7.999.18649109954048068.909.1692287590758018",
+    ],
     "dicom/camelyon-jpeg/multi_frame_jpeg_camelyon_challenge_image.dcm": [
-        "20230708", "Congo Red-Lung test", "GO-1692202754026-1-A-0_tumor_102.tif",
-        "GO-1692202754026", "Kidney medial right tumor", "8191347071437311"],
+        "20230708",
+        "Congo Red-Lung test",
+        "GO-1692202754026-1-A-0_tumor_102.tif",
+        "GO-1692202754026",
+        "Kidney medial right tumor",
+        "8191347071437311",
+    ],
     "dicom/highdicom-sm/sm_image.dcm": [
-        "Test^Patient", "Test^Physician", "AA01", "17890505", "S19-1_A_1_1", "S19-1_A", "S19-1",
-        "20190604", "20190822", "20091229095915", "abcd", "20190604072000",
-        "20190605082000", "20190605102000", "http://test.org/mrns",
-        "http://test.org/specimens/2019"],
+        "Test^Patient",
+        "Test^Physician",
+        "AA01",
+        "17890505",
+        "S19-1_A_1_1",
+        "S19-1_A",
+        "S19-1",
+        "20190604",
+        "20190822",
+        "20091229095915",
+        "abcd",
+        "20190604072000",
+        "20190605082000",
+        "20190605102000",
+        "http://test.org/mrns",
+        "http://test.org/specimens/2019",
+    ],
 }
 # field names whose whole entry must be gone from the bytes (names may appear in the report)
 FIELDS_ABSENT: dict[str, list[str]] = {
     "aperio/CMU-1-Small-Region.svs": ["Filename", "ScanScope ID", "User =", "Date =", "ImageID"],
-    "hamamatsu/test3-DAPI-2-(387).ndpi": ["Created=", "Updated=", "NDP.S/N", "Macro.S/N",
-                                          "roi.barcode.macro", "SerialNumber", "Shading"],
+    "hamamatsu/test3-DAPI-2-(387).ndpi": [
+        "Created=",
+        "Updated=",
+        "NDP.S/N",
+        "Macro.S/N",
+        "roi.barcode.macro",
+        "SerialNumber",
+        "Shading",
+    ],
 }
 OPENSLIDE_READABLE = [n for n in IDENTIFYING if not n.startswith("dicom/highdicom-sm-jpegls")]
 
@@ -116,11 +169,15 @@ def test_openslide_same_vendor_no_label_same_pixels(name: str, tmp_path: Path) -
         assert b.level_dimensions == a.level_dimensions
         w, h = a.dimensions
         region = (min(w, 2048), min(h, 2048))
-        assert np.array_equal(np.asarray(a.read_region((0, 0), 0, region)),
-                              np.asarray(b.read_region((0, 0), 0, region)))
+        assert np.array_equal(
+            np.asarray(a.read_region((0, 0), 0, region)),
+            np.asarray(b.read_region((0, 0), 0, region)),
+        )
         low = a.level_count - 1
-        assert np.array_equal(np.asarray(a.read_region((0, 0), low, a.level_dimensions[low])),
-                              np.asarray(b.read_region((0, 0), low, b.level_dimensions[low])))
+        assert np.array_equal(
+            np.asarray(a.read_region((0, 0), low, a.level_dimensions[low])),
+            np.asarray(b.read_region((0, 0), low, b.level_dimensions[low])),
+        )
         for key in ("openslide.mpp-x", "openslide.mpp-y", "openslide.objective-power"):
             assert b.properties.get(key) == a.properties.get(key)
         assert (report.width, report.height) == a.dimensions
@@ -142,20 +199,23 @@ def test_compressed_tiles_are_identical(name: str, tmp_path: Path) -> None:
     for ib in b.ifds:
         ia = by_size[(ib.width, ib.height, ib.is_tiled)]
         for (oa, ca), (ob, cb) in zip(ia.segments(), ib.segments(), strict=True):
-            assert src_bytes[oa:oa + ca] == dst_bytes[ob:ob + cb]
+            assert src_bytes[oa : oa + ca] == dst_bytes[ob : ob + cb]
         if 347 in ia.tags:
             assert ib.tags[347].data == ia.tags[347].data  # JPEGTables kept
     assert report.levels_kept == len(report.level_dimensions) >= 1
 
 
-@pytest.mark.parametrize("name", [
-    "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm",
-    "dicom/camelyon-jpeg/multi_frame_jpeg_camelyon_challenge_image.dcm",
-    "dicom/highdicom-sm/sm_image.dcm",
-    "dicom/highdicom-sm-jpegls/sm_image_jpegls.dcm",
-    "dicom/boxes/boxes_0.dcm",
-    "dicom/BPAEC/5_0",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm",
+        "dicom/camelyon-jpeg/multi_frame_jpeg_camelyon_challenge_image.dcm",
+        "dicom/highdicom-sm/sm_image.dcm",
+        "dicom/highdicom-sm-jpegls/sm_image_jpegls.dcm",
+        "dicom/boxes/boxes_0.dcm",
+        "dicom/BPAEC/5_0",
+    ],
+)
 def test_dicom_pixel_data_bytes_identical(name: str, tmp_path: Path) -> None:
     src = slide(name)
     dst, _ = run(name, tmp_path)
@@ -163,7 +223,7 @@ def test_dicom_pixel_data_bytes_identical(name: str, tmp_path: Path) -> None:
     assert ha.pixel is not None and hb.pixel is not None
     assert hb.transfer_syntax == ha.transfer_syntax
     a, b = src.read_bytes(), dst.read_bytes()
-    assert a[ha.pixel.element_offset:ha.pixel.end] == b[hb.pixel.element_offset:hb.pixel.end]
+    assert a[ha.pixel.element_offset : ha.pixel.end] == b[hb.pixel.element_offset : hb.pixel.end]
     assert hb.pixel.end == len(b)
 
 
@@ -180,11 +240,18 @@ def test_aperio_label_macro_dropped_thumbnail_kept(tmp_path: Path) -> None:
     data, out_bytes = src.read_bytes(), dst.read_bytes()
     for ifd in st.ifds[2:]:
         off, cnt = ifd.segments()[len(ifd.segments()) // 2]
-        assert data[off:off + cnt] not in out_bytes
+        assert data[off : off + cnt] not in out_bytes
     desc = out.ifds[0].description or ""
     assert desc.startswith("Aperio Image Library v11.2.1")
-    for kept in ("AppMag = 20", "MPP = 0.4990", "StripeWidth = 2040", "OriginalWidth = 46920",
-                 "Left = 25.691574", "LineCameraSkew = -0.000424", "Focus Offset = 0.000000"):
+    for kept in (
+        "AppMag = 20",
+        "MPP = 0.4990",
+        "StripeWidth = 2040",
+        "OriginalWidth = 46920",
+        "Left = 25.691574",
+        "LineCameraSkew = -0.000424",
+        "Focus Offset = 0.000000",
+    ):
         assert kept in desc
     for gone in ("Filename", "Date", "Time", "User", "ScanScope ID", "ImageID", "Parmset"):
         assert f"|{gone} =" not in desc
@@ -250,13 +317,26 @@ def test_dicom_profile(tmp_path: Path) -> None:
         assert b.get(kw) == P.uid(a.get(kw))
     assert b.file_meta.MediaStorageSOPInstanceUID == b.SOPInstanceUID
     assert b.DimensionOrganizationSequence[0].DimensionOrganizationUID == P.uid(
-        a.DimensionOrganizationSequence[0].DimensionOrganizationUID)
-    for kw in ("StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-               "PatientBirthDate", "PatientSex"):
+        a.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    )
+    for kw in (
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "PatientBirthDate",
+        "PatientSex",
+    ):
         assert kw in b and not b.get(kw)
-    for kw in ("SeriesDate", "InstitutionName", "StudyDescription",
-               "IssuerOfAccessionNumberSequence", "BarcodeValue",
-               "AdmittingDiagnosesCodeSequence", "PatientAge"):
+    for kw in (
+        "SeriesDate",
+        "InstitutionName",
+        "StudyDescription",
+        "IssuerOfAccessionNumberSequence",
+        "BarcodeValue",
+        "AdmittingDiagnosesCodeSequence",
+        "PatientAge",
+    ):
         assert kw not in b
         assert report.removed[f"dicom_attribute.{kw}"] == 1
     assert b.ContentDate == "19000101" and b.LongitudinalTemporalInformationModified == "REMOVED"
@@ -314,15 +394,19 @@ def test_corrupt_tile_rejected(tmp_path: Path) -> None:
 
 def test_unsupported_compression_rejected(tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
-        deidentify(slide("broken/unopenable.tiff"), tmp_path / "o.tif", SlideFormat.GENERIC_TIFF,
-                   P)
+        deidentify(slide("broken/unopenable.tiff"), tmp_path / "o.tif", SlideFormat.GENERIC_TIFF, P)
     assert e.value.reason == "UNSUPPORTED_COMPRESSION"
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", ["dicom/label-barcode/test_wsi2.dcm",
-                                  "dicom/label-private-tags/wsi_private_tags.dcm",
-                                  "dicom/BPAEC/2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dicom/label-barcode/test_wsi2.dcm",
+        "dicom/label-private-tags/wsi_private_tags.dcm",
+        "dicom/BPAEC/2",
+    ],
+)
 def test_label_only_dicom_rejected(name: str, tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
         deidentify(slide(name), tmp_path / "o.dcm", SlideFormat.DICOM_WSI, P)
@@ -333,15 +417,23 @@ def test_label_only_dicom_rejected(name: str, tmp_path: Path) -> None:
 
 def test_nonconformant_dicom_rejected(tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
-        deidentify(slide("dicom/pathml-nonconformant/small_dicom.dcm"), tmp_path / "o.dcm",
-                   SlideFormat.DICOM_WSI, P)
+        deidentify(
+            slide("dicom/pathml-nonconformant/small_dicom.dcm"),
+            tmp_path / "o.dcm",
+            SlideFormat.DICOM_WSI,
+            P,
+        )
     assert e.value.reason == "NO_PYRAMID_LEVEL"
 
 
 def test_unsupported_format_rejected(tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
-        deidentify(slide("perkinelmer-qptiff/small_vectra.qptiff"), tmp_path / "o.tif",
-                   SlideFormat.QPTIFF, P)
+        deidentify(
+            slide("perkinelmer-qptiff/small_vectra.qptiff"),
+            tmp_path / "o.tif",
+            SlideFormat.QPTIFF,
+            P,
+        )
     assert e.value.reason == "UNSUPPORTED_FORMAT"
     with pytest.raises(DeidRejected) as e:
         deidentify(slide("aperio/small.svs"), tmp_path / "o.tif", SlideFormat.GENERIC_TIFF, P)
@@ -359,8 +451,7 @@ def rewrite(src: Path, dst: Path, edit: Edit | None = None, drop: set[int] | Non
     for ifd in st.ifds:
         if drop and ifd.index in drop:
             continue
-        tags = {c: OutTag.copy(t) for c, t in ifd.tags.items()
-                if c not in tiff.DATA_OFFSET_TAGS}
+        tags = {c: OutTag.copy(t) for c, t in ifd.tags.items() if c not in tiff.DATA_OFFSET_TAGS}
         if edit:
             edit(ifd.index, tags)
         outs.append(OutIfd([tags[c] for c in sorted(tags)], ifd.segments(), ifd.is_tiled))
@@ -485,9 +576,17 @@ def test_generic_unknown_tag_rejected(tmp_path: Path) -> None:
 def test_generic_identifying_tags_removed(tmp_path: Path) -> None:
     src = slide("generic-tiff/boxes.tiff")
     crafted = tmp_path / "tags.tiff"
-    extra = {306: "2024:01:02 03:04:05", 315: "Dr. Jane Operator", 316: "PATHLAB-PC-07",
-             305: "ScanSoft 1.0", 269: "case-4711-block-B", 285: "page-of-case-4711",
-             270: "Slide of patient Jane Doe", 271: "ScanCorp", 272: "Model-X"}
+    extra = {
+        306: "2024:01:02 03:04:05",
+        315: "Dr. Jane Operator",
+        316: "PATHLAB-PC-07",
+        305: "ScanSoft 1.0",
+        269: "case-4711-block-B",
+        285: "page-of-case-4711",
+        270: "Slide of patient Jane Doe",
+        271: "ScanCorp",
+        272: "Model-X",
+    }
 
     def edit(i: int, tags: dict[int, OutTag]) -> None:
         _add_tags(tags, extra)
@@ -500,8 +599,16 @@ def test_generic_identifying_tags_removed(tmp_path: Path) -> None:
     for gone in ("2024:01:02", "Jane", "PATHLAB", "ScanSoft", "4711"):
         assert gone.encode() not in data
     assert b"ScanCorp" in data and b"Model-X" in data  # device type is kept
-    for name in ("DateTime", "Artist", "HostComputer", "Software", "DocumentName", "PageName",
-                 "ImageDescription", "XMP"):
+    for name in (
+        "DateTime",
+        "Artist",
+        "HostComputer",
+        "Software",
+        "DocumentName",
+        "PageName",
+        "ImageDescription",
+        "XMP",
+    ):
         assert report.removed[f"tiff_tag.{name}"] == 4
 
 
@@ -531,8 +638,9 @@ def test_generic_exif_and_gps_ifds_removed(tmp_path: Path) -> None:
     body += struct.pack("<I", 0)
     for i, code in enumerate(sorted(ifd0.tags)):
         if code in (34665, 34853):
-            struct.pack_into("<I", body, ifd0.offset + 2 + 12 * i + 8,
-                             exif_at if code == 34665 else gps_at)
+            struct.pack_into(
+                "<I", body, ifd0.offset + 2 + 12 * i + 8, exif_at if code == 34665 else gps_at
+            )
     crafted.write_bytes(bytes(body))
     parsed = read_tiff(crafted)
     assert 34665 in parsed.ifds[0].children and 34853 in parsed.ifds[0].children
@@ -625,8 +733,9 @@ def test_verify_finds_forbidden_values(tmp_path: Path) -> None:
 
 def test_forbidden_search_encodings_and_boundaries(tmp_path: Path) -> None:
     blob = tmp_path / "blob.bin"
-    blob.write_bytes(b"\x00" * 100 + "Jane Roe".encode("utf-16-be") + b"\x00" * 100
-                     + b"x201906041y")
+    blob.write_bytes(
+        b"\x00" * 100 + "Jane Roe".encode("utf-16-be") + b"\x00" * 100 + b"x201906041y"
+    )
     policy = DeidPolicy(buffer_size=64 << 10)
     with pytest.raises(DeidRejected):  # UTF-16 BE in metadata
         search_forbidden(blob, [b"Jane Roe"], [(0, 120)], policy)
@@ -655,7 +764,7 @@ def test_verify_rejects_corrupted_tile(tmp_path: Path) -> None:
     # 1) a sampled tile (the first) with destroyed JPEG headers fails to decode
     off, _cnt = segs[0]
     broken = bytearray(data)
-    broken[off + 2:off + 40] = b"\xff" * 38
+    broken[off + 2 : off + 40] = b"\xff" * 38
     bad = tmp_path / "bad.svs"
     bad.write_bytes(bytes(broken))
     with pytest.raises(DeidRejected) as e:
@@ -664,7 +773,7 @@ def test_verify_rejects_corrupted_tile(tmp_path: Path) -> None:
     # 2) any tile that lost its end-of-image marker is caught by the all-tiles marker scan
     off, cnt = segs[7]
     broken = bytearray(data)
-    broken[off + cnt - 2:off + cnt] = b"\x12\x34"
+    broken[off + cnt - 2 : off + cnt] = b"\x12\x34"
     bad.write_bytes(bytes(broken))
     with pytest.raises(DeidRejected) as e:
         verify(bad, SlideFormat.APERIO_SVS, report.identifying_values)
@@ -720,9 +829,14 @@ def test_deid_of_copy_with_spaces_in_name(tmp_path: Path) -> None:
     assert report.levels_kept == 4
 
 
-@pytest.mark.parametrize("name", ["hamamatsu/test3-DAPI-2-(387).ndpi",
-                                  "aperio/CMU-1-Small-Region.svs",
-                                  "dicom/highdicom-sm/sm_image.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hamamatsu/test3-DAPI-2-(387).ndpi",
+        "aperio/CMU-1-Small-Region.svs",
+        "dicom/highdicom-sm/sm_image.dcm",
+    ],
+)
 def test_files_without_extension(name: str, tmp_path: Path) -> None:
     """The service stores spool files as plain 'in'/'out': detection is by content only."""
     src = tmp_path / "in"

@@ -57,7 +57,11 @@ def test_open_inference_protocol_keeps_upstream_names() -> None:
     svc = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert oip.DESCRIPTOR.package == "inference"
     assert {m.name for m in svc.methods} >= {
-        "ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer"
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelInfer",
     }
     # field numbers clients depend on
     req = oip.ModelInferRequest.DESCRIPTOR

@@ -239,7 +239,10 @@ def test_one_corrupt_source_tile_only_spoils_its_area(tmp_path: Path) -> None:
             image.load()
             assert image.size == builder.geometry.tile_size_at(tile.level, tile.col, tile.row)
     assert {p for p in failed if p.level == top} == {
-        (top, 3, 4), (top, 4, 4), (top, 3, 5), (top, 4, 5)
+        (top, 3, 4),
+        (top, 4, 4),
+        (top, 3, 5),
+        (top, 4, 5),
     }
     assert len(failed) < len(tiles) // 4
     thumbnail = Image.open(io.BytesIO(make_thumbnail(path)))

@@ -62,9 +62,9 @@ def calibration() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def artifact(calibration: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> (
-    ModelArtifact
-):
+def artifact(
+    calibration: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> ModelArtifact:
     return build_tissue_model(tmp_path_factory.mktemp("model"), calibration)
 
 
@@ -216,8 +216,9 @@ def test_mask_png(detector: TissueDetector) -> None:
 
 
 def test_build_is_deterministic(calibration: list[np.ndarray], tmp_path: Path) -> None:
-    first = build_tissue_model(tmp_path / "a", calibration,
-                               created=datetime(2026, 1, 1, tzinfo=UTC))
+    first = build_tissue_model(
+        tmp_path / "a", calibration, created=datetime(2026, 1, 1, tzinfo=UTC)
+    )
     second = build_tissue_model(tmp_path / "b", list(calibration))
     assert first.sha256 == second.sha256
     assert first.onnx_path.read_bytes() == second.onnx_path.read_bytes()
@@ -234,8 +235,12 @@ def test_brightfield_filter_rejects_fluorescence_and_patterns() -> None:
     assert brightfield_check(boxes) is not None
     assert brightfield_check(cmu) is None
     images = calibration_images_from(
-        [slide_path("hamamatsu/test3-DAPI-2-(387).ndpi"), slide_path("broken/unopenable.tiff"),
-         slide_path("aperio/CMU-1-Small-Region.svs"), slide_path("aperio/CMU-1-Small-Region.svs")],
+        [
+            slide_path("hamamatsu/test3-DAPI-2-(387).ndpi"),
+            slide_path("broken/unopenable.tiff"),
+            slide_path("aperio/CMU-1-Small-Region.svs"),
+            slide_path("aperio/CMU-1-Small-Region.svs"),
+        ],
         max_side=256,
     )
     assert len(images) == 1  # fluorescence rejected, unopenable skipped, duplicate dropped
@@ -263,8 +268,19 @@ def test_otsu_and_fit_on_synthetic_features() -> None:
 
 def test_cli_builds_the_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--slides", str(slide_path(CALIBRATION[0]).parents[1]),
-                 "--max-side", "512"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--slides",
+                str(slide_path(CALIBRATION[0]).parents[1]),
+                "--max-side",
+                "512",
+            ]
+        )
+        == 0
+    )
     card = json.loads((out / "model.json").read_text())
     assert card["sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
     assert card["calibration"]["images"] >= 3

@@ -36,6 +36,7 @@ def slide(name: str) -> Path:
     return p
 
 
+CAMELYON_J2K = "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm"
 EXPECTED_FORMATS = {
     "aperio/CMU-1-Small-Region.svs": SlideFormat.APERIO_SVS,
     "aperio/small.svs": SlideFormat.APERIO_SVS,
@@ -50,8 +51,7 @@ EXPECTED_FORMATS = {
     "perkinelmer-qptiff/small_vectra.qptiff": SlideFormat.QPTIFF,
     "olympus-vsi/vsi-ets-test-jpg2k.vsi": SlideFormat.OLYMPUS_VSI,
     "olympus-vsi/_vsi-ets-test-jpg2k_/stack1/frame_t_0.ets": SlideFormat.UNKNOWN,
-    "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm":
-        SlideFormat.DICOM_WSI,
+    CAMELYON_J2K: SlideFormat.DICOM_WSI,
     "dicom/camelyon-jpeg/multi_frame_jpeg_camelyon_challenge_image.dcm": SlideFormat.DICOM_WSI,
     "dicom/highdicom-sm/sm_image.dcm": SlideFormat.DICOM_WSI,
     "dicom/label-barcode/test_wsi2.dcm": SlideFormat.DICOM_WSI,
@@ -140,8 +140,9 @@ def test_inspect_generic() -> None:
 
 
 def test_inspect_dicom() -> None:
-    info = inspect_slide(slide(
-        "dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm"))
+    info = inspect_slide(
+        slide("dicom/camelyon-jpeg2000/multi_frame_jpeg2000_camelyon_challenge_image.dcm")
+    )
     assert (info.width, info.height) == (1696, 812)
     assert (info.tile_width, info.tile_height) == (256, 256)
     assert info.compression == "jpeg2000_lossless"
@@ -243,8 +244,12 @@ def test_absurd_dimensions(tmp_path: Path) -> None:
     # the total-pixel and side limits are configurable
     assert reason(ok, limits=SlideLimits(max_total_pixels=1000)) == "ABSURD_DIMENSIONS"
     assert reason(ok, limits=SlideLimits(max_side=32)) == "ABSURD_DIMENSIONS"
-    assert reason(slide("aperio/CMU-1-Small-Region.svs"),
-                  limits=SlideLimits(max_total_pixels=1_000_000)) == "ABSURD_DIMENSIONS"
+    assert (
+        reason(
+            slide("aperio/CMU-1-Small-Region.svs"), limits=SlideLimits(max_total_pixels=1_000_000)
+        )
+        == "ABSURD_DIMENSIONS"
+    )
 
 
 def test_tile_count_mismatch(tmp_path: Path) -> None:
@@ -272,7 +277,8 @@ def test_no_pyramid_level(tmp_path: Path) -> None:
     for code, dtype, count, val in entries:
         v = data_at if code == 273 else val
         body += struct.pack("<HHI", code, dtype, count) + (
-            struct.pack("<HH", v, 0) if dtype == 3 else struct.pack("<I", v))
+            struct.pack("<HH", v, 0) if dtype == 3 else struct.pack("<I", v)
+        )
     body += b"\x00" * 4 + b"\x00" * 16
     strips.write_bytes(bytes(body))
     assert reason(strips) == "NO_PYRAMID_LEVEL"
@@ -321,7 +327,7 @@ def test_messages_never_contain_file_content(tmp_path: Path) -> None:
 
 def test_jpeg_header_info() -> None:
     st = tiff.read_tiff(slide("hamamatsu/test3-DAPI-2-(387).ndpi"))
-    (off, _cnt), = st.ifds[0].segments()
+    ((off, _cnt),) = st.ifds[0].segments()
     with open(slide("hamamatsu/test3-DAPI-2-(387).ndpi"), "rb") as fh:
         fh.seek(off)
         head = fh.read(4096)

@@ -126,8 +126,9 @@ def long_(v: int, bo: str = "<") -> bytes:
     return struct.pack(bo + "I", v)
 
 
-def minimal_entries(width: int = 16, height: int = 16, data_at: int = 8,
-                    nbytes: int = 4) -> list[tuple[int, int, int, bytes | int]]:
+def minimal_entries(
+    width: int = 16, height: int = 16, data_at: int = 8, nbytes: int = 4
+) -> list[tuple[int, int, int, bytes | int]]:
     return [
         (256, tiff.SHORT, 1, short(width)),
         (257, tiff.SHORT, 1, short(height)),
@@ -277,8 +278,9 @@ def test_tag_bytes_limit() -> None:
 
 
 def test_total_metadata_budget() -> None:
-    entries = [*minimal_entries()] + [(60000 + i, tiff.UNDEFINED, 2000, b"z" * 2000)
-                                      for i in range(10)]
+    entries = [*minimal_entries()] + [
+        (60000 + i, tiff.UNDEFINED, 2000, b"z" * 2000) for i in range(10)
+    ]
     with pytest.raises(TiffError) as e:
         read_tiff(one_ifd_file(entries), TiffLimits(max_total_tag_bytes=10_000))
     assert e.value.reason == "METADATA_TOO_LARGE"
@@ -336,8 +338,13 @@ def test_truncated_real_file() -> None:
 
 
 def test_not_a_tiff() -> None:
-    for junk in (b"", b"II", b"hello world, not a tiff", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-                 b"II\x2a\x00\x00\x00\x00\x00"):
+    for junk in (
+        b"",
+        b"II",
+        b"hello world, not a tiff",
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+        b"II\x2a\x00\x00\x00\x00\x00",
+    ):
         with pytest.raises(TiffError):
             read_tiff(junk)
 
@@ -353,8 +360,9 @@ def test_ascii_tag_with_raw_bytes_is_kept_raw() -> None:
 
 def test_error_messages_carry_no_values() -> None:
     secret = b"PATIENT-JOHN-DOE-1234"
-    data = one_ifd_file([*minimal_entries(), (270, tiff.ASCII, len(secret), secret),
-                         (40000, 99, 1, b"\x00")])
+    data = one_ifd_file(
+        [*minimal_entries(), (270, tiff.ASCII, len(secret), secret), (40000, 99, 1, b"\x00")]
+    )
     with pytest.raises(TiffError) as e:
         read_tiff(data)
     assert "JOHN" not in str(e.value)
@@ -372,19 +380,33 @@ def rewrite_all(src: Path, dst: Path, buffer_size: int = tiff.COPY_BUFFER) -> ti
     st = read_tiff(src)
     outs = []
     for ifd in st.ifds:
-        tags = [OutTag.copy(t) for c, t in ifd.tags.items() if c not in (
-            tiff.DATA_OFFSET_TAGS | {tiff.NDPI_OFFSET_HIGH_BYTES, tiff.NDPI_BYTECOUNT_HIGH_BYTES})]
+        tags = [
+            OutTag.copy(t)
+            for c, t in ifd.tags.items()
+            if c
+            not in (
+                tiff.DATA_OFFSET_TAGS
+                | {tiff.NDPI_OFFSET_HIGH_BYTES, tiff.NDPI_BYTECOUNT_HIGH_BYTES}
+            )
+        ]
         outs.append(OutIfd(tags, ifd.segments(), ifd.is_tiled))
     with open(src, "rb") as fs, open(dst, "wb") as fd:
-        return write_tiff(fs, fd, outs, byteorder=st.byteorder, flavor=st.flavor,
-                          buffer_size=buffer_size)
+        return write_tiff(
+            fs, fd, outs, byteorder=st.byteorder, flavor=st.flavor, buffer_size=buffer_size
+        )
 
 
-@pytest.mark.parametrize("name", [
-    "aperio/CMU-1-Small-Region.svs", "aperio/tcga-cr-7395-01a-01-ts1.svs",
-    "hamamatsu/test3-DAPI-2-(387).ndpi", "generic-tiff/boxes.tiff",
-    "generic-tiff/yb10kx5k.zstd.tiff", "ome-tiff/4D-series.ome.tiff",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aperio/CMU-1-Small-Region.svs",
+        "aperio/tcga-cr-7395-01a-01-ts1.svs",
+        "hamamatsu/test3-DAPI-2-(387).ndpi",
+        "generic-tiff/boxes.tiff",
+        "generic-tiff/yb10kx5k.zstd.tiff",
+        "ome-tiff/4D-series.ome.tiff",
+    ],
+)
 def test_round_trip_is_lossless(name: str, tmp_path: Path) -> None:
     src = slide(name)
     dst = tmp_path / ("out" + src.suffix)
@@ -400,10 +422,12 @@ def test_round_trip_is_lossless(name: str, tmp_path: Path) -> None:
                 assert ib.tags[code].data == tag.data
         for (oa, ca), (ob, cb) in zip(ia.segments(), ib.segments(), strict=True):
             assert ca == cb
-            assert src_bytes[oa:oa + ca] == dst_bytes[ob:ob + cb]  # verbatim tiles
+            assert src_bytes[oa : oa + ca] == dst_bytes[ob : ob + cb]  # verbatim tiles
     is_ndpi = name.endswith(".ndpi")
-    with (tifffile.TiffFile(src, is_ndpi=is_ndpi) as ta,
-          tifffile.TiffFile(dst, is_ndpi=is_ndpi) as tb):
+    with (
+        tifffile.TiffFile(src, is_ndpi=is_ndpi) as ta,
+        tifffile.TiffFile(dst, is_ndpi=is_ndpi) as tb,
+    ):
         for pa, pb in zip(ta.pages, tb.pages, strict=True):
             assert isinstance(pa, tifffile.TiffPage) and isinstance(pb, tifffile.TiffPage)
             if pa.compression == 52479:
@@ -423,8 +447,14 @@ def test_ndpi_output_keeps_layout_flavour(tmp_path: Path) -> None:
 def test_small_buffer_and_user_space_copy(tmp_path: Path) -> None:
     src = slide("aperio/CMU-1-Small-Region.svs")
     st = read_tiff(src)
-    outs = [OutIfd([OutTag.copy(t) for c, t in i.tags.items() if c not in tiff.DATA_OFFSET_TAGS],
-                   i.segments(), i.is_tiled) for i in st.ifds]
+    outs = [
+        OutIfd(
+            [OutTag.copy(t) for c, t in i.tags.items() if c not in tiff.DATA_OFFSET_TAGS],
+            i.segments(),
+            i.is_tiled,
+        )
+        for i in st.ifds
+    ]
     reads: list[int] = []
 
     class Recording(io.BytesIO):
@@ -449,12 +479,17 @@ def test_writer_copies_only_referenced_bytes(tmp_path: Path) -> None:
     t1 = b.blob(b"\x01" * 64)
     b.blob(secret)
     t2 = b.blob(b"\x02" * 64)
-    at = b.ifd([
-        (256, tiff.SHORT, 1, short(32)), (257, tiff.SHORT, 1, short(16)),
-        (259, tiff.SHORT, 1, short(1)), (322, tiff.SHORT, 1, short(16)),
-        (323, tiff.SHORT, 1, short(16)),
-        (324, tiff.LONG, 2, long_(t1) + long_(t2)), (325, tiff.LONG, 2, long_(64) + long_(64)),
-    ])
+    at = b.ifd(
+        [
+            (256, tiff.SHORT, 1, short(32)),
+            (257, tiff.SHORT, 1, short(16)),
+            (259, tiff.SHORT, 1, short(1)),
+            (322, tiff.SHORT, 1, short(16)),
+            (323, tiff.SHORT, 1, short(16)),
+            (324, tiff.LONG, 2, long_(t1) + long_(t2)),
+            (325, tiff.LONG, 2, long_(64) + long_(64)),
+        ]
+    )
     b.set_first(at)
     src = tmp_path / "in.tif"
     src.write_bytes(b.data())
@@ -468,12 +503,17 @@ def test_writer_copies_only_referenced_bytes(tmp_path: Path) -> None:
 def test_writer_shared_segments_stay_shared(tmp_path: Path) -> None:
     b = Builder()
     t = b.blob(b"\x07" * 50)
-    at = b.ifd([
-        (256, tiff.SHORT, 1, short(32)), (257, tiff.SHORT, 1, short(16)),
-        (259, tiff.SHORT, 1, short(1)), (322, tiff.SHORT, 1, short(16)),
-        (323, tiff.SHORT, 1, short(16)),
-        (324, tiff.LONG, 2, long_(t) + long_(t)), (325, tiff.LONG, 2, long_(50) + long_(50)),
-    ])
+    at = b.ifd(
+        [
+            (256, tiff.SHORT, 1, short(32)),
+            (257, tiff.SHORT, 1, short(16)),
+            (259, tiff.SHORT, 1, short(1)),
+            (322, tiff.SHORT, 1, short(16)),
+            (323, tiff.SHORT, 1, short(16)),
+            (324, tiff.LONG, 2, long_(t) + long_(t)),
+            (325, tiff.LONG, 2, long_(50) + long_(50)),
+        ]
+    )
     b.set_first(at)
     src = tmp_path / "in.tif"
     src.write_bytes(b.data())
@@ -495,8 +535,13 @@ def test_writer_rejects_segments_past_source_end(tmp_path: Path) -> None:
 def test_writer_refuses_explicit_data_tags() -> None:
     out = OutIfd([OutTag.ints(273, tiff.LONG, [8], "<")], [(0, 1)], False)
     with pytest.raises(TiffError) as e:
-        write_tiff(io.BytesIO(b"II*\x00" + b"\x00" * 8), io.BytesIO(), [out], byteorder="<",
-                   flavor=TiffFlavor.CLASSIC)
+        write_tiff(
+            io.BytesIO(b"II*\x00" + b"\x00" * 8),
+            io.BytesIO(),
+            [out],
+            byteorder="<",
+            flavor=TiffFlavor.CLASSIC,
+        )
     assert e.value.reason == "WRITER_MISUSE"
 
 
@@ -553,7 +598,7 @@ class Sparse(io.RawIOBase):
         for at, data in self.chunks.items():
             lo, hi = max(at, self.pos), min(at + len(data), self.pos + n)
             if lo < hi:
-                mv[lo - self.pos:hi - self.pos] = data[lo - at:hi - at]
+                mv[lo - self.pos : hi - self.pos] = data[lo - at : hi - at]
         self.pos += n
         return n
 
@@ -572,11 +617,16 @@ def _big_source(first_strip: int) -> tuple[Sparse, list[OutIfd]]:
     src = Sparse(first_strip + 4096)
     marker = b"MARKER-STRIP-" * 8
     src.put(first_strip, marker)
-    ifd_tags = [OutTag.ints(256, tiff.LONG, [100000], "<"), OutTag.ints(257, tiff.LONG, [10], "<"),
-                OutTag.ints(259, tiff.SHORT, [1], "<"),
-                OutTag.ints(tiff.NDPI_FORMAT_FLAG, tiff.SHORT, [1], "<")]
-    outs = [OutIfd(list(ifd_tags), [(0, first_strip)], False),
-            OutIfd(list(ifd_tags), [(first_strip, len(marker))], False)]
+    ifd_tags = [
+        OutTag.ints(256, tiff.LONG, [100000], "<"),
+        OutTag.ints(257, tiff.LONG, [10], "<"),
+        OutTag.ints(259, tiff.SHORT, [1], "<"),
+        OutTag.ints(tiff.NDPI_FORMAT_FLAG, tiff.SHORT, [1], "<"),
+    ]
+    outs = [
+        OutIfd(list(ifd_tags), [(0, first_strip)], False),
+        OutIfd(list(ifd_tags), [(first_strip, len(marker))], False),
+    ]
     return src, outs
 
 
@@ -592,7 +642,7 @@ def test_outputs_beyond_4gib(flavor: TiffFlavor) -> None:
     dst.seek(0)
     st = read_tiff(dst)
     assert st.flavor is expected
-    (off, cnt), = st.ifds[1].segments()
+    ((off, cnt),) = st.ifds[1].segments()
     assert off > GIB4
     dst.seek(off)
     assert dst.read(cnt) == b"MARKER-STRIP-" * 8
@@ -606,8 +656,14 @@ def test_copy_file_range_path(tmp_path: Path) -> None:
     a, b = tmp_path / "a.tif", tmp_path / "b.tif"
     rewrite_all(src, a)
     st = read_tiff(src)
-    outs = [OutIfd([OutTag.copy(t) for c, t in i.tags.items() if c not in tiff.DATA_OFFSET_TAGS],
-                   i.segments(), i.is_tiled) for i in st.ifds]
+    outs = [
+        OutIfd(
+            [OutTag.copy(t) for c, t in i.tags.items() if c not in tiff.DATA_OFFSET_TAGS],
+            i.segments(),
+            i.is_tiled,
+        )
+        for i in st.ifds
+    ]
     buf = io.BytesIO()
     write_tiff(io.BytesIO(src.read_bytes()), buf, outs, byteorder="<", flavor=st.flavor)
     b.write_bytes(buf.getvalue())

@@ -406,7 +406,8 @@ def deidentify_dicom(
                 fsrc, fdst, hdr.pixel.value_offset, hdr.pixel.length, policy.buffer_size
             )
             fdst.flush()
-            os.fsync(fdst.fileno())
+            if policy.fsync:
+                os.fsync(fdst.fileno())
         size = tmp.stat().st_size
         os.replace(tmp, dst)
     except (OSError, EOFError, ValueError) as exc:

@@ -65,6 +65,8 @@ class DeidPolicy:
     keep_svs_thumbnail: bool = True
     # Streaming buffer for copying and scanning pixel data.
     buffer_size: int = 8 << 20
+    # fsync the output before renaming it into place (durability; costs a disk flush).
+    fsync: bool = False
     # Identifying values shorter than this are not used for the byte-level search.
     min_forbidden_length: int = 4
 

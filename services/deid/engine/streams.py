@@ -18,7 +18,7 @@ def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int, buffer_si
                 n = os.copy_file_range(
                     src.fileno(),
                     dst.fileno(),
-                    min(length - done, 1 << 30),
+                    min(length - done, 256 << 20),
                     offset + done,
                     start + done,
                 )

@@ -264,7 +264,8 @@ def write_atomically(
                 buffer_size=policy.buffer_size,
             )
             fdst.flush()
-            os.fsync(fdst.fileno())
+            if policy.fsync:
+                os.fsync(fdst.fileno())
         os.replace(tmp, dst)
     except TiffError as exc:
         raise DeidRejected(MALFORMED_FILE, f"writing failed: {exc.reason}") from exc

@@ -890,7 +890,7 @@ class _Writer:
         start = self.pos
         while done < length:
             n = os.copy_file_range(
-                src_fd, dst_fd, min(length - done, 1 << 30), offset + done, start + done
+                src_fd, dst_fd, min(length - done, 256 << 20), offset + done, start + done
             )
             if n <= 0:
                 raise TiffError("TRUNCATED", "source ended while copying image data")
