@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from grpc import aio
@@ -37,6 +38,8 @@ class IngestionOptions(BaseModel):
     pseudonym_key: SecretStr
     max_upload_bytes: int = 8 * 1024**3
     max_concurrent_uploads: int = 16
+    # Partial uploads untouched this long are deleted (their bytes may identify a patient).
+    abandoned_upload_ttl_s: float = 72 * 3600
 
 
 class IngestionSettings(ServiceSettings):
@@ -75,6 +78,7 @@ def bootstrap(
         limits=IngestionLimits(max_upload_bytes=opts.max_upload_bytes),
     )
     servicer = IngestionServicer(core, opts.max_concurrent_uploads)
+    expiry_stop = asyncio.Event()
     checker = access
 
     def register(server: aio.Server) -> None:
@@ -102,7 +106,14 @@ def bootstrap(
         verifier,
         service_names=[ingestion_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name],
         register=[register],
-        background=[Background("outbox", outbox.run, outbox.stop)],
+        background=[
+            Background("outbox", outbox.run, outbox.stop),
+            Background(
+                "upload-expiry",
+                lambda: core.run_expiry(opts.abandoned_upload_ttl_s, expiry_stop),
+                expiry_stop.set,
+            ),
+        ],
         on_start=[start],
         on_close=[close],
     )

@@ -10,10 +10,12 @@ Any rejection deletes the spool, so nothing half-written survives it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,30 @@ class Ingestion:
     async def ensure_ready(self) -> None:
         await self._objects.ensure_bucket(self._bucket)
         await self._uploads.ensure_index([("slide_id", 1)])
+
+    async def expire_abandoned(self, max_age_s: float) -> int:
+        """Delete spooled partial uploads untouched for `max_age_s`: an abandoned upload must
+        not keep identified bytes on disk forever. Returns how many were removed."""
+        removed = 0
+        for path in await asyncio.to_thread(_stale_parts, self._spool, max_age_s):
+            upload_id = path.name.removesuffix(".part")
+            if self.lock(upload_id).locked():
+                continue
+            await asyncio.to_thread(_unlink, path)
+            await self._uploads.delete({"_id": upload_id, "state": "IN_PROGRESS"})
+            removed += 1
+        if removed:
+            log.info("expired abandoned uploads", extra={"count": removed})
+        return removed
+
+    async def run_expiry(self, max_age_s: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.expire_abandoned(max_age_s)
+            except OSError as exc:
+                log.warning("upload expiry failed", extra={"reason": type(exc).__name__})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(3600.0, max_age_s / 4))
 
     @staticmethod
     def upload_id_for(subject: str, dataset_id: str, sha256: str, size: int) -> str:
@@ -364,6 +390,11 @@ class Ingestion:
             session.size_bytes,
             duplicate,
         )
+
+
+def _stale_parts(spool: Path, max_age_s: float) -> list[Path]:
+    cutoff = time.time() - max_age_s
+    return [p for p in spool.glob("*.part") if p.stat().st_mtime < cutoff]
 
 
 def _size_of(path: Path) -> int:

@@ -21,6 +21,7 @@ from services.shared.events import (
     SCHEMA_VERSION,
     TOPIC_SLIDE_RECEIVED,
     TOPIC_SLIDE_TILED,
+    DeadLetterHook,
     EventEmitter,
     EventRunner,
     RetryPolicy,
@@ -77,6 +78,7 @@ class Harness:
         handler: Callable[[events_pb2.EventEnvelope], Awaitable[None]],
         retry: RetryPolicy = FAST,
         topic: str = TOPIC_SLIDE_RECEIVED,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> tuple[EventRunner, asyncio.Task[None]]:
         runner = EventRunner(
             service=SERVICE,
@@ -85,6 +87,7 @@ class Harness:
             handlers={topic: handler},
             publisher=self.publisher,
             retry=retry,
+            on_dead_letter=on_dead_letter,
         )
         task = asyncio.create_task(runner.run())
         await asyncio.wait_for(runner.ready.wait(), 2)
@@ -477,3 +480,29 @@ async def test_emitter_reports_bus_failure_as_unavailable(h: Harness) -> None:
     with pytest.raises(Unavailable):
         await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
     await h.publisher.start()
+
+
+async def test_dead_letter_hook_hears_the_final_outcome(h: Harness) -> None:
+    """The stage hook gets the envelope and reason of every dead-lettered, decodable event
+    (so the slide can be marked REJECTED); undecodable values never reach it."""
+    heard: list[tuple[str, str, str]] = []
+
+    async def hook(env: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
+        heard.append((env.slide_id, reason, detail))
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        if env.slide_id == "bad-input":
+            raise InvalidArgument("cannot process", "CANNOT")
+        raise RuntimeError("always")
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("bad-input"))
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("flaky"))
+    await h.publisher.publish(TOPIC_SLIDE_RECEIVED, b"garbage", key=b"k")
+    runner, task = await h.start(handler, on_dead_letter=hook)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 3)
+    await h.stop(runner, task)
+    assert heard == [
+        ("bad-input", "CANNOT", "cannot process"),
+        ("flaky", "RETRIES_EXHAUSTED", "RuntimeError"),
+    ]
+    assert len(h.dlq()) == 3

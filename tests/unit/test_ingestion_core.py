@@ -521,3 +521,25 @@ async def test_file_the_parser_chokes_on_is_rejected_and_leaves_nothing(w: World
         await w.upload(broken, header_for(broken, filename="x.dcm"))
     assert err.value.reason == "MALFORMED_FILE"
     await w.assert_nothing_left()
+
+
+async def test_abandoned_partial_uploads_expire(w: World) -> None:
+    import os
+    import time
+
+    data = slide_bytes("aperio/small.svs")
+    old = await w.ing.begin(ALICE, header_for(data))
+    await w.send(old, data, 0, len(data) // 2)
+    fresh_data = slide_bytes("generic-tiff/boxes.tiff")
+    fresh = await w.ing.begin(ALICE, header_for(fresh_data))
+    await w.send(fresh, fresh_data, 0, len(fresh_data) // 2)
+    past = time.time() - 7200
+    os.utime(old.path, (past, past))
+
+    assert await w.ing.expire_abandoned(max_age_s=3600) == 1
+    assert not old.path.exists()
+    assert fresh.path.exists()
+    assert (await w.ing.status(ALICE, "ds-1", sha(data), len(data))).state == "NOT_STARTED"
+    assert (await w.ing.status(ALICE, "ds-1", sha(fresh_data), len(fresh_data))).state == (
+        "IN_PROGRESS"
+    )
