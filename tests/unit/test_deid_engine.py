@@ -845,3 +845,59 @@ def test_files_without_extension(name: str, tmp_path: Path) -> None:
     assert fmt is sniff_file(slide(name))
     report = deidentify_and_verify(src, tmp_path / "out", fmt, P)
     assert report.levels_kept >= 1
+
+
+def test_dicom_unknown_public_attribute_removed_and_reported(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(slide("dicom/highdicom-sm/sm_image.dcm"))
+    ds.BodyPartExamined = "BRAIN"  # public, but not on the keep-list
+    ds.add_new(0x00181030, "LO", "Protocol of Dr House")  # ProtocolName: profile X
+    crafted = tmp_path / "in.dcm"
+    ds.save_as(crafted)
+    dst = tmp_path / "out.dcm"
+    report = deidentify_and_verify(crafted, dst, SlideFormat.DICOM_WSI, P)
+    assert report.removed["dicom_unknown_attribute.BodyPartExamined"] == 1
+    assert report.removed["dicom_attribute.ProtocolName"] == 1
+    out = pydicom.dcmread(dst, stop_before_pixels=True)
+    assert "BodyPartExamined" not in out and "ProtocolName" not in out
+    assert b"Dr House" not in dst.read_bytes()
+
+
+def test_dicom_nested_identifiers_in_other_sequences(tmp_path: Path) -> None:
+    """Identifying attributes are handled wherever they are nested."""
+    ds = pydicom.dcmread(slide("dicom/highdicom-sm/sm_image.dcm"))
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    ref.InstitutionName = "Nested General Hospital"
+    ds.ReferencedImageSequence = pydicom.Sequence([ref])
+    crafted = tmp_path / "in.dcm"
+    ds.save_as(crafted)
+    dst = tmp_path / "out.dcm"
+    report = deidentify_and_verify(crafted, dst, SlideFormat.DICOM_WSI, P)
+    out = pydicom.dcmread(dst, stop_before_pixels=True)
+    item = out.ReferencedImageSequence[0]
+    assert item.ReferencedSOPInstanceUID == P.uid("1.2.3.4.5.6.7.8.9")
+    assert "InstitutionName" not in item
+    assert report.removed["dicom_attribute.InstitutionName"] == 1
+    assert (
+        b"Nested General" not in dst.read_bytes() and b"1.2.3.4.5.6.7.8.9" not in dst.read_bytes()
+    )
+
+
+def test_truncated_dicom_rejected(tmp_path: Path) -> None:
+    data = slide("dicom/camelyon-jpeg/multi_frame_jpeg_camelyon_challenge_image.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 3000])
+    with pytest.raises(DeidRejected) as e:
+        deidentify(cut, tmp_path / "o.dcm", SlideFormat.DICOM_WSI, P)
+    assert e.value.reason == "TRUNCATED_FILE"
+    assert not (tmp_path / "o.dcm").exists()
+
+
+def test_truncated_svs_rejected(tmp_path: Path) -> None:
+    data = slide("aperio/CMU-1-Small-Region.svs").read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[:600_000])
+    with pytest.raises(DeidRejected) as e:
+        deidentify(cut, tmp_path / "o.svs", SlideFormat.APERIO_SVS, P)
+    assert e.value.reason == "TRUNCATED_FILE"

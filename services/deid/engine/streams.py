@@ -44,18 +44,25 @@ def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int, buffer_si
 
 
 def pattern_variants(value: bytes) -> list[bytes]:
-    """The byte forms an identifying value may take on disk: UTF-8, Latin-1, UTF-16 LE/BE."""
+    """The byte forms an identifying value may take on disk: UTF-8, Latin-1, UTF-16 LE/BE.
+
+    For text whose characters are all below U+0100 one pattern covers both UTF-16 byte
+    orders: LE is ``c0 00 c1 00 .. cn 00`` and BE ``00 c0 00 c1 .. 00 cn``; both contain
+    ``c0 00 c1 .. 00 cn``, so searching that halves the work.
+    """
     out = [value]
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         return out
-    for enc in ("latin-1", "utf-16-le", "utf-16-be"):
-        try:
-            form = text.encode(enc)
-        except UnicodeEncodeError:
-            continue
-        if form not in out:
+    forms: list[bytes] = []
+    try:
+        forms.append(text.encode("latin-1"))
+        forms.append(text.encode("utf-16-le")[:-1])
+    except UnicodeEncodeError:
+        forms += [text.encode("utf-16-le"), text.encode("utf-16-be")]
+    for form in forms:
+        if form and form not in out:
             out.append(form)
     return out
 

@@ -53,6 +53,7 @@ from services.shared.wsi.sniff import (
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
 
 _MAX_GAP = 8
+_MARKER_WINDOW = 16 << 20
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_.\-]+-[a-z]{3}-[a-z2-7]{24}$")
 _SAMPLES_PER_LEVEL = 3
 _STREAM_MIN_PATTERN = 6
@@ -207,28 +208,63 @@ _MARKERS = {
 
 def _check_stream_markers(path: Path, st: TiffStructure) -> None:
     """Every JPEG / JPEG 2000 tile must start with SOI/SOC and end with EOI/EOC: a cheap test
-    of all tiles (sample tiles are fully decoded separately)."""
-    jobs: list[tuple[int, int, int, int]] = []
-    for ifd in st.ifds:
-        markers = _MARKERS.get(ifd.compression)
-        if markers is None:
-            continue
-        for i, (off, cnt) in enumerate(ifd.segments()):
-            if cnt:
-                jobs.append((off, cnt, ifd.index, i))
-    jobs.sort()
-    by_index = {ifd.index: ifd for ifd in st.ifds}
+    of all tiles (sample tiles are fully decoded separately). Reads the file sequentially in
+    windows and checks the markers of all tiles of a window at once."""
     with open(path, "rb") as fh:
-        for off, cnt, index, i in jobs:
-            start, end = _MARKERS[by_index[index].compression]
-            fh.seek(off)
-            head = fh.read(2)
-            fh.seek(off + max(0, cnt - 16))
-            tail = fh.read(min(cnt, 16)).rstrip(b"\x00")
-            if head != start or not tail.endswith(end) or cnt < 4:
-                raise DeidRejected(
-                    CORRUPT_IMAGE_DATA, f"IFD {index}: tile {i} is not a complete compressed stream"
-                )
+        for ifd in st.ifds:
+            markers = _MARKERS.get(ifd.compression)
+            if markers is None:
+                continue
+            offs, cnts = ifd.segment_arrays()
+            used = np.flatnonzero(cnts > 0)
+            if (cnts[used] < 4).any():
+                raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: a tile is too short")
+            order = used[np.argsort(offs[used], kind="stable")]
+            start_m = np.frombuffer(markers[0], dtype=np.uint8)
+            end_m = np.frombuffer(markers[1], dtype=np.uint8)
+            ends = offs[order] + cnts[order]
+            i = 0
+            while i < len(order):
+                lo = int(offs[order[i]])
+                if int(cnts[order[i]]) > _MARKER_WINDOW:  # a huge strip: head and tail only
+                    fh.seek(lo)
+                    head = fh.read(2)
+                    fh.seek(int(ends[i]) - 16)
+                    tail = fh.read(16).rstrip(b"\x00")
+                    if head != markers[0] or not tail.endswith(markers[1]):
+                        raise DeidRejected(
+                            CORRUPT_IMAGE_DATA,
+                            f"IFD {ifd.index}: tile {int(order[i])} is not a complete "
+                            "compressed stream",
+                        )
+                    i += 1
+                    continue
+                # take as many following tiles as fit in one window
+                j = int(np.searchsorted(ends, lo + _MARKER_WINDOW, "right"))
+                while j > i + 1 and int(ends[i:j].max()) - lo > 2 * _MARKER_WINDOW:
+                    j -= 1
+                j = max(j, i + 1)
+                hi = int(ends[i:j].max())
+                fh.seek(lo)
+                win = np.frombuffer(fh.read(hi - lo), dtype=np.uint8)
+                sel = order[i:j]
+                rel_s = offs[sel] - lo
+                rel_e = rel_s + cnts[sel]
+                if len(win) < hi - lo:
+                    raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tiles are cut off")
+                ok = (win[rel_s] == start_m[0]) & (win[rel_s + 1] == start_m[1])
+                ok &= (win[rel_e - 2] == end_m[0]) & (win[rel_e - 1] == end_m[1])
+                for k in np.flatnonzero(~ok):
+                    # allow zero padding after the end marker; anything else is corrupt
+                    tail = win[int(rel_e[k]) - 16 : int(rel_e[k])].tobytes().rstrip(b"\x00")
+                    head = win[int(rel_s[k]) : int(rel_s[k]) + 2].tobytes()
+                    if head != markers[0] or not tail.endswith(markers[1]):
+                        raise DeidRejected(
+                            CORRUPT_IMAGE_DATA,
+                            f"IFD {ifd.index}: tile {int(sel[k])} is not a complete "
+                            "compressed stream",
+                        )
+                i = j
 
 
 def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

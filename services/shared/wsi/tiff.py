@@ -302,8 +302,8 @@ class TiffIfd:
             return TILE_OFFSETS, TILE_BYTE_COUNTS
         return STRIP_OFFSETS, STRIP_BYTE_COUNTS
 
-    def segments(self) -> list[tuple[int, int]]:
-        """(offset, byte count) of every tile/strip, in storage order."""
+    def segment_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, byte counts) of every tile/strip as int64 arrays, in storage order."""
         off_code, cnt_code = self.data_tags()
         off_tag, cnt_tag = self.tags.get(off_code), self.tags.get(cnt_code)
         if off_tag is None or cnt_tag is None:
@@ -311,7 +311,7 @@ class TiffIfd:
                 "MISSING_IMAGE_DATA",
                 f"IFD {self.index} lacks {tag_name(off_code)} or {tag_name(cnt_code)}",
             )
-        offsets, counts = off_tag.ints(), cnt_tag.ints()
+        offsets, counts = _int_array(off_tag), _int_array(cnt_tag)
         if len(offsets) != len(counts):
             raise TiffError(
                 "BAD_SEGMENTS",
@@ -320,14 +320,31 @@ class TiffIfd:
         hi_off = self.tags.get(NDPI_OFFSET_HIGH_BYTES)
         hi_cnt = self.tags.get(NDPI_BYTECOUNT_HIGH_BYTES)
         if hi_off is not None and off_code == STRIP_OFFSETS:
-            highs = hi_off.ints()
+            highs = _int_array(hi_off)
             if len(highs) == len(offsets):
-                offsets = [o | (h << 32) for o, h in zip(offsets, highs, strict=True)]
+                offsets = offsets | (highs << 32)
         if hi_cnt is not None and cnt_code == STRIP_BYTE_COUNTS:
-            highs = hi_cnt.ints()
+            highs = _int_array(hi_cnt)
             if len(highs) == len(counts):
-                counts = [c | (h << 32) for c, h in zip(counts, highs, strict=True)]
-        return list(zip(offsets, counts, strict=True))
+                counts = counts | (highs << 32)
+        return offsets, counts
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(offset, byte count) of every tile/strip, in storage order."""
+        offsets, counts = self.segment_arrays()
+        return list(zip(offsets.tolist(), counts.tolist(), strict=True))
+
+
+def _int_array(tag: TiffTag) -> np.ndarray:
+    if tag.dtype not in INTEGER_TYPES:
+        raise TiffError("UNEXPECTED_TAG_TYPE", f"{tag.name} is not an integer tag")
+    arr = np.frombuffer(tag.data, dtype=tag.byteorder + _NUMPY_CODES[tag.dtype])
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() >= 1 << 63:
+        raise TiffError("BAD_SEGMENTS", f"{tag.name} holds an impossible offset")
+    out = arr.astype(np.int64)
+    if tag.high and out.size == 1 and tag.dtype in (LONG, IFD):
+        out[0] |= tag.high << 32
+    return out
 
 
 @dataclass(slots=True)
@@ -570,13 +587,11 @@ def _read_ifd(
 
 def check_segments(ifd: TiffIfd, file_size: int) -> list[tuple[int, int]]:
     """Segments of an IFD, validated to lie inside the file (raises TRUNCATED)."""
-    segs = ifd.segments()
-    for off, cnt in segs:
-        if cnt and (off <= 0 or off + cnt > file_size):
-            raise TiffError(
-                "TRUNCATED", f"IFD {ifd.index}: image data lies beyond the end of the file"
-            )
-    return segs
+    offsets, counts = ifd.segment_arrays()
+    used = counts > 0
+    if (counts < 0).any() or (used & ((offsets <= 0) | (offsets + counts > file_size))).any():
+        raise TiffError("TRUNCATED", f"IFD {ifd.index}: image data lies beyond the end of the file")
+    return list(zip(offsets.tolist(), counts.tolist(), strict=True))
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -601,7 +616,9 @@ class OutTag:
         return cls(code, ASCII, len(raw), raw)
 
     @classmethod
-    def ints(cls, code: int, dtype: int, values: Sequence[int], byteorder: ByteOrder) -> OutTag:
+    def ints(
+        cls, code: int, dtype: int, values: Sequence[int] | np.ndarray, byteorder: ByteOrder
+    ) -> OutTag:
         arr = np.asarray(values, dtype=byteorder + _NUMPY_CODES[dtype])
         return cls(code, dtype, len(values), arr.tobytes())
 
@@ -626,8 +643,8 @@ class WriteResult:
 @dataclass(slots=True)
 class _PlannedIfd:
     runs: list[tuple[int, int, int]]  # (src_start, src_end, dst_start)
-    new_offsets: list[int]
-    counts: list[int]
+    new_offsets: np.ndarray  # int64, new offset of every segment (0 for empty ones)
+    counts: np.ndarray  # int64
     tags: list[OutTag]
     values_at: dict[int, int]  # tag code -> dst offset of out-of-line value
     ifd_at: int
@@ -637,16 +654,40 @@ class _PlannedIfd:
 COPY_BUFFER = 8 << 20
 
 
-def _merge_runs(segments: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((off, off + cnt) for off, cnt in segments if cnt > 0)
-    runs: list[tuple[int, int]] = []
-    for start, end in spans:
-        if runs and start <= runs[-1][1]:
-            if end > runs[-1][1]:
-                runs[-1] = (runs[-1][0], end)
-        else:
-            runs.append((start, end))
-    return runs
+def _layout_segments(
+    segments: Sequence[tuple[int, int]], src_size: int, pos: int
+) -> tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray, int]:
+    """Merge the source segments into contiguous runs placed from ``pos`` on.
+
+    Returns (runs as (src_start, src_end, dst_start), new offset per segment, counts, end).
+    Overlapping or adjacent segments share one run, so shared tiles stay shared and offsets
+    relative to a strip (NDPI McuStarts) stay valid. Vectorised: ~100k tiles in milliseconds.
+    """
+    arr = np.asarray(segments, dtype=np.int64).reshape(-1, 2)
+    offs, cnts = arr[:, 0], arr[:, 1]
+    used = cnts > 0
+    if (cnts < 0).any() or (offs < 0).any() or (used & (offs + cnts > src_size)).any():
+        raise TiffError("TRUNCATED", "image data lies beyond the end of the source")
+    new = np.zeros(len(offs), dtype=np.int64)
+    if not used.any():
+        return [], new, cnts.copy(), pos
+    starts = offs[used]
+    order = np.argsort(starts, kind="stable")
+    s = starts[order]
+    e = (starts + cnts[used])[order]
+    reach = np.maximum.accumulate(e)
+    brk = np.empty(len(s), dtype=bool)
+    brk[0] = True
+    brk[1:] = s[1:] > reach[:-1]
+    first = np.flatnonzero(brk)
+    run_s = s[first]
+    run_e = np.maximum.reduceat(e, first)
+    lens = run_e - run_s
+    run_d = pos + np.concatenate(([0], np.cumsum(lens)[:-1]))
+    which = np.searchsorted(run_s, offs[used], side="right") - 1
+    new[used] = run_d[which] + offs[used] - run_s[which]
+    runs = list(zip(run_s.tolist(), run_e.tolist(), run_d.tolist(), strict=True))
+    return runs, new, cnts.copy(), pos + int(lens.sum())
 
 
 def _align(pos: int, flavor: TiffFlavor) -> int:
@@ -664,35 +705,13 @@ def _plan(
     pos = header
     planned: list[_PlannedIfd] = []
     for out in ifds:
-        for off, cnt in out.segments:
-            if cnt < 0 or off < 0 or (cnt and off + cnt > src_size):
-                raise TiffError("TRUNCATED", "image data lies beyond the end of the source")
-        runs: list[tuple[int, int, int]] = []
-        for start, end in _merge_runs(out.segments):
-            runs.append((start, end, pos))
-            pos += end - start
-        new_offsets = []
-        for off, cnt in out.segments:
-            if cnt == 0:
-                new_offsets.append(0)
-                continue
-            # find the run containing this segment (runs are sorted by source start)
-            lo, hi = 0, len(runs) - 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if runs[mid][0] <= off:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            s, _e, d = runs[lo]
-            new_offsets.append(d + (off - s))
-        counts = [cnt for _off, cnt in out.segments]
+        runs, new_offsets, counts, pos = _layout_segments(out.segments, src_size, pos)
         off_code, cnt_code = (
             (TILE_OFFSETS, TILE_BYTE_COUNTS) if out.tiled else (STRIP_OFFSETS, STRIP_BYTE_COUNTS)
         )
         # offset values are only final once the layout is fixed; sizes are known already
         off_type = LONG8 if big else LONG
-        cnt_type = LONG8 if big and any(c > 0xFFFFFFFF for c in counts) else LONG
+        cnt_type = LONG8 if big and bool((counts > 0xFFFFFFFF).any()) else LONG
         placeholder_off = OutTag(
             off_code, off_type, len(counts), b"\x00" * (TYPE_SIZES[off_type] * len(counts))
         )
@@ -749,17 +768,12 @@ def _finalise_data_tags(p: _PlannedIfd, flavor: TiffFlavor, bo: ByteOrder) -> No
             values = p.new_offsets if t.code in (STRIP_OFFSETS, TILE_OFFSETS) else p.counts
             if t.dtype == LONG:
                 if flavor is TiffFlavor.NDPI and len(values) == 1 and values[0] > 0xFFFFFFFF:
+                    v = int(values[0])
                     fixed.append(
-                        OutTag(
-                            t.code,
-                            LONG,
-                            1,
-                            struct.pack("<I", values[0] & 0xFFFFFFFF),
-                            values[0] >> 32,
-                        )
+                        OutTag(t.code, LONG, 1, struct.pack("<I", v & 0xFFFFFFFF), v >> 32)
                     )
                     continue
-                if any(v > 0xFFFFFFFF for v in values):
+                if bool((values > 0xFFFFFFFF).any()):
                     raise TiffError("OFFSET_OVERFLOW", f"{tag_name(t.code)} exceeds 32 bits")
             fixed.append(OutTag.ints(t.code, t.dtype, values, bo))
         else:
@@ -820,7 +834,7 @@ def write_tiff(
         raise TiffError("WRITER_INTERNAL", "layout mismatch")
     dst.flush()
     return WriteResult(
-        flavor, size, [p.ifd_at for p in planned], [list(p.new_offsets) for p in planned]
+        flavor, size, [p.ifd_at for p in planned], [p.new_offsets.tolist() for p in planned]
     )
 
 
