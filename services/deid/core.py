@@ -170,7 +170,7 @@ class DeidStage:
 
     def _run(self, src: Path, dst: Path, fmt: SlideFormat) -> Any:
         report = deidentify(src, dst, fmt, self._pseudo, self._policy)
-        verify(dst, fmt, report.identifying_values)
+        verify(dst, fmt, report.identifying_values, self._policy)
         return report
 
     async def _reject(self, base: dict[str, Any], reason: str, detail: str) -> None:

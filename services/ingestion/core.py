@@ -39,7 +39,7 @@ from services.shared.wsi.sniff import (
     SlideInfo,
     SlideLimits,
     inspect_slide,
-    sniff,
+    sniff_file,
 )
 from tessera.common.v1 import common_pb2
 from tessera.events.v1 import events_pb2
@@ -324,8 +324,11 @@ class Ingestion:
     # -- internals ------------------------------------------------------------------------
 
     async def _inspect(self, session: UploadSession) -> SlideInfo:
-        head = await asyncio.to_thread(_head, session.path, 64 * 1024)
-        fmt = sniff(head, f"x.{session.extension}")
+        try:
+            # Content decides, not the file name: NDPI keeps its first IFD at the end.
+            fmt = await asyncio.to_thread(sniff_file, session.path)
+        except (OSError, ValueError):
+            fmt = SlideFormat.UNKNOWN
         if fmt == SlideFormat.UNKNOWN:
             await self._discard(session)
             raise InvalidArgument("not a recognised whole-slide image format", "UNKNOWN_FORMAT")
@@ -417,11 +420,6 @@ def _sha256_of(path: Path) -> str:
         while block := fh.read(8 * 1024 * 1024):
             h.update(block)
     return h.hexdigest()
-
-
-def _head(path: Path, n: int) -> bytes:
-    with path.open("rb") as fh:
-        return fh.read(n)
 
 
 def _unlink(path: Path) -> None:

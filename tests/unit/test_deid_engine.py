@@ -901,3 +901,29 @@ def test_truncated_svs_rejected(tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
         deidentify(cut, tmp_path / "o.svs", SlideFormat.APERIO_SVS, P)
     assert e.value.reason == "TRUNCATED_FILE"
+
+
+def test_svs_description_with_raw_bytes(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes in an ASCII tag: removed fields go, kept fields must validate."""
+    src = slide("aperio/small.svs")
+    raw_desc = read_tiff(src).ifds[0].tags[270].data.rstrip(b"\x00")
+    for mangled, ok in (
+        (raw_desc.replace(b"User = b414003d", b"User = \xff\xfeM\xfcller b414003d"), True),
+        (raw_desc.replace(b"AppMag = 20", b"AppMag = 2\xff0"), False),
+    ):
+        crafted = tmp_path / "raw.svs"
+
+        def edit(i: int, tags: dict[int, OutTag], data: bytes = mangled) -> None:
+            if i == 0:
+                tags[270] = OutTag(270, tiff.ASCII, len(data) + 1, data + b"\x00")
+
+        rewrite(src, crafted, edit)
+        dst = tmp_path / "o.svs"
+        if ok:
+            report = deidentify_and_verify(crafted, dst, SlideFormat.APERIO_SVS, P)
+            assert report.removed["svs_field.User"] == 2
+            assert b"\xff\xfe" not in dst.read_bytes()[:4096]
+        else:
+            with pytest.raises(DeidRejected) as e:
+                deidentify(crafted, dst, SlideFormat.APERIO_SVS, P)
+            assert e.value.reason == "UNEXPECTED_SVS_VALUE"

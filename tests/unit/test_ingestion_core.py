@@ -543,3 +543,13 @@ async def test_abandoned_partial_uploads_expire(w: World) -> None:
     assert (await w.ing.status(ALICE, "ds-1", sha(fresh_data), len(fresh_data))).state == (
         "IN_PROGRESS"
     )
+
+
+async def test_format_comes_from_content_not_the_file_name(w: World) -> None:
+    """An NDPI keeps its first IFD at the end of the file, so the head alone cannot tell;
+    a partner system that names it `.tif` still gets it ingested as NDPI."""
+    data = slide_bytes("hamamatsu/test3-DAPI-2-(387).ndpi")
+    result = await w.upload(data, header_for(data, filename="scan-0001.tif"))
+    assert result.format == common_pb2.SLIDE_FORMAT_HAMAMATSU_NDPI
+    [env] = w.received_events()
+    assert env.slide_received.format == common_pb2.SLIDE_FORMAT_HAMAMATSU_NDPI

@@ -256,8 +256,9 @@ def _check_stream_markers(path: Path, st: TiffStructure) -> None:
                 ok &= (win[rel_e - 2] == end_m[0]) & (win[rel_e - 1] == end_m[1])
                 for k in np.flatnonzero(~ok):
                     # allow zero padding after the end marker; anything else is corrupt
-                    tail = win[int(rel_e[k]) - 16 : int(rel_e[k])].tobytes().rstrip(b"\x00")
-                    head = win[int(rel_s[k]) : int(rel_s[k]) + 2].tobytes()
+                    s_k, e_k = int(rel_s[k]), int(rel_e[k])
+                    tail = win[max(s_k, e_k - 16) : e_k].tobytes().rstrip(b"\x00")
+                    head = win[s_k : s_k + 2].tobytes()
                     if head != markers[0] or not tail.endswith(markers[1]):
                         raise DeidRejected(
                             CORRUPT_IMAGE_DATA,

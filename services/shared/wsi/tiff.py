@@ -168,8 +168,8 @@ class TiffLimits:
     max_ifds: int = 4096
     max_tags_per_ifd: int = 1024
     max_values_per_tag: int = 1 << 28
-    max_tag_bytes: int = 256 << 20
-    max_total_tag_bytes: int = 1 << 30
+    max_tag_bytes: int = 64 << 20
+    max_total_tag_bytes: int = 256 << 20
     max_child_depth: int = 3
 
 
