@@ -19,7 +19,12 @@ from google.protobuf.json_format import MessageToDict
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.counts import to_entries
-from services.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from services.shared.errors import (
+    InvalidArgument,
+    NotFound,
+    PermanentEventError,
+    PermissionDenied,
+)
 from services.shared.events import (
     TOPIC_DATASET_CREATED,
     TOPIC_INFERENCE_COMPLETED,
@@ -100,6 +105,8 @@ class Catalogue:
         )
 
     async def on_event(self, env: events_pb2.EventEnvelope) -> None:
+        if not env.slide_id or len(env.slide_id) > 128 or not env.dataset_id:
+            raise PermanentEventError("slide event without slide or dataset id", "MALFORMED_EVENT")
         kind = env.WhichOneof("payload")
         at = env.occurred_at.ToDatetime(tzinfo=UTC)
         fields: dict[str, Any] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 
 from opentelemetry import context as otel_context
 
@@ -55,7 +56,9 @@ class Outbox:
         except Unavailable:
             log.warning("bus unavailable; event left in outbox", extra={"topic": topic})
             return False
-        await self._col.update({"_id": envelope.event_id}, set_fields={"sent": True})
+        await self._col.update(
+            {"_id": envelope.event_id}, set_fields={"sent": True, "sent_at": _now()}
+        )
         return True
 
     async def flush(self) -> int:
@@ -70,14 +73,27 @@ class Outbox:
                 break
             finally:
                 otel_context.detach(token)
-            await self._col.update({"_id": doc["_id"]}, set_fields={"sent": True})
+            await self._col.update(
+                {"_id": doc["_id"]}, set_fields={"sent": True, "sent_at": _now()}
+            )
             sent += 1
         return sent
 
-    async def run(self, interval_s: float = 2.0) -> None:
+    async def purge(self, older_than: timedelta) -> int:
+        """Forget acknowledged events older than `older_than`. Until then a re-announcement
+        of the same event is recognised and skipped; after it, consumers' own dedupe on the
+        event id still applies, so purging never duplicates an effect."""
+        return await self._col.delete({"sent": True, "sent_at": {"$lte": _now() - older_than}})
+
+    async def run(self, interval_s: float = 2.0, retention: timedelta = timedelta(days=7)) -> None:
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 await self.flush()
+                if loop.time() - last_purge > 3600:
+                    await self.purge(retention)
+                    last_purge = loop.time()
             except Exception as exc:  # noqa: BLE001 - keep trying; the store may be down
                 log.warning("outbox flush failed", extra={"reason": type(exc).__name__})
             with contextlib.suppress(TimeoutError):
@@ -88,3 +104,7 @@ class Outbox:
 
     async def ensure_indexes(self) -> None:
         await self._col.ensure_index([("sent", 1)])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

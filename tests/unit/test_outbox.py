@@ -229,3 +229,30 @@ async def test_flushed_event_keeps_the_trace_of_the_request_that_made_it(
     producers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
     assert producers[-1].context.trace_id == trace_id
     await publisher.stop()
+
+
+async def test_purge_forgets_only_old_acknowledged_events(env: Env) -> None:
+    from datetime import timedelta
+
+    sent = new_envelope(
+        payload_field="slide_received",
+        payload=events_pb2.SlideReceived(),
+        slide_id="s-sent",
+        dataset_id="ds",
+        event_id=event_id_for("s-sent", "received"),
+    )
+    assert await env.outbox.publish(TOPIC_SLIDE_RECEIVED, sent)
+    env.publisher.down = True
+    queued = new_envelope(
+        payload_field="slide_received",
+        payload=events_pb2.SlideReceived(),
+        slide_id="s-queued",
+        dataset_id="ds",
+        event_id=event_id_for("s-queued", "received"),
+    )
+    assert not await env.outbox.publish(TOPIC_SLIDE_RECEIVED, queued)
+
+    assert await env.outbox.purge(timedelta(days=1)) == 0  # nothing is old yet
+    assert await env.outbox.purge(timedelta(seconds=-1)) == 1  # everything acknowledged is
+    assert await env.col.get(sent.event_id) is None
+    assert (await env.col.get(queued.event_id) or {}).get("sent") is False
