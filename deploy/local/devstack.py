@@ -121,6 +121,8 @@ def service_env(svc: Svc) -> dict[str, str]:
     if svc.name == "ingestion":
         env["TESSERA_INGESTION__SPOOL_DIR"] = str(DATA / "ingestion-spool")
         env["TESSERA_INGESTION__PSEUDONYM_KEY"] = pseudonym_key
+    if svc.name == "metadata":
+        env["TESSERA_METADATA__PSEUDONYM_KEY"] = pseudonym_key
     if svc.name == "deid":
         env["TESSERA_DEID__WORK_DIR"] = str(DATA / "deid-work")
         env["TESSERA_DEID__PSEUDONYM_KEY"] = pseudonym_key

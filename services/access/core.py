@@ -44,6 +44,7 @@ ROLE_ACTIONS: dict[int, frozenset[int]] = {
     Role.ROLE_CONTRIBUTOR: frozenset({Action.ACTION_UPLOAD, Action.ACTION_READ_RECORD}),
 }
 STEWARD_TERM = timedelta(days=3650)
+MAX_GRANT_TERM = timedelta(days=5 * 365)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,10 @@ class AccessControl:
         expires_at = _aware(expires_at)
         if expires_at <= self._now():
             raise InvalidArgument("expires_at must be in the future", "EXPIRY_IN_PAST")
+        if expires_at > self._now() + MAX_GRANT_TERM:
+            raise InvalidArgument(
+                f"grants last at most {MAX_GRANT_TERM.days} days", "EXPIRY_TOO_FAR"
+            )
         if len(purpose) > 500:
             raise InvalidArgument("purpose too long", "FIELD_TOO_LONG")
         return await self._insert_grant(

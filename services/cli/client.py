@@ -186,17 +186,24 @@ class TesseraClient:
         """Download the de-identified slide; verifies the sha256 announced by the server."""
         h = hashlib.sha256()
         expected, size = "", 0
-        with out.open("wb") as fh:
-            async for msg in self.tiling.DownloadSlide(
-                tiling_pb2.DownloadSlideRequest(slide_id=slide_id)
-            ):
-                if msg.sha256:
-                    expected = msg.sha256
-                fh.write(msg.data)
-                h.update(msg.data)
-                size += len(msg.data)
-        if expected and h.hexdigest() != expected:
-            raise ValueError("downloaded bytes do not match the announced sha256")
+        # Written beside the target and renamed at the end: a failed download never
+        # truncates or half-writes an existing file.
+        partial = out.with_name(f".{out.name}.part")
+        try:
+            with partial.open("wb") as fh:
+                async for msg in self.tiling.DownloadSlide(
+                    tiling_pb2.DownloadSlideRequest(slide_id=slide_id)
+                ):
+                    if msg.sha256:
+                        expected = msg.sha256
+                    fh.write(msg.data)
+                    h.update(msg.data)
+                    size += len(msg.data)
+            if expected and h.hexdigest() != expected:
+                raise ValueError("downloaded bytes do not match the announced sha256")
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
         return size, h.hexdigest()
 
 

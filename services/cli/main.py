@@ -36,6 +36,15 @@ STATUSES = {
 }
 
 
+EXIT_REJECTED = 3
+EXIT_TIMEOUT = 4
+
+
+class ExitCode(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
 def _dict(msg: Any) -> dict[str, Any]:
     return MessageToDict(msg, preserving_proto_field_name=True)
 
@@ -113,10 +122,19 @@ async def cmd_upload(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         "duplicate": res.duplicate,
     }
     text = res.slide_id
+    if res.duplicate:
+        text += "  (this file was uploaded before: existing slide, metadata unchanged)"
     if a.wait:
         slide = await c.wait(res.slide_id, a.timeout)
         data["slide"] = _dict(slide)
         text = slide_text(slide)
+        if slide.status == common_pb2.SLIDE_STATUS_REJECTED:
+            out.emit(data, text)
+            raise ExitCode(EXIT_REJECTED)
+        if slide.status != common_pb2.SLIDE_STATUS_READY:
+            data["timed_out"] = True
+            out.emit(data, text + f"\nnot finished after {a.timeout:g} s (still processing)")
+            raise ExitCode(EXIT_TIMEOUT)
     out.emit(data, text)
 
 
@@ -132,6 +150,7 @@ async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         organ=a.organ or "",
         species=a.species or "",
         status=STATUSES.get(a.status or "", 0),  # type: ignore[arg-type]
+        case_id=a.case_id or "",
         page_size=a.page_size,
         page_token=a.page_token or "",
     )
@@ -240,6 +259,8 @@ def cmd_token(a: argparse.Namespace, out: Output) -> None:
     key = Path(a.signing_key or os.environ.get("TESSERA_SIGNING_KEY", DEFAULT_SIGNING_KEY))
     if not key.exists():
         raise SystemExit(f"error: signing key {key} not found (run `make up` first)")
+    if a.ttl <= 0:
+        raise SystemExit("error: --ttl must be a positive number of seconds")
     token = TokenIssuer(key.read_bytes()).issue(a.subject, a.role or [], ttl_s=a.ttl)
     out.emit({"token": token, "subject": a.subject, "roles": a.role or []}, token)
 
@@ -276,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_status)
 
     s = sub.add_parser("search", parents=[common], help="search the catalogue")
-    for opt in ("--dataset", "--stain", "--organ", "--species", "--page-token"):
+    for opt in ("--dataset", "--stain", "--organ", "--species", "--case-id", "--page-token"):
         s.add_argument(opt)
     s.add_argument("--status", choices=sorted(STATUSES))
     s.add_argument("--page-size", type=int, default=50)
@@ -357,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         asyncio.run(_run(args.run, args, out))
+    except ExitCode as exc:
+        return exc.code
+    except KeyboardInterrupt:
+        print(
+            "interrupted; an upload resumes where it stopped when you run the same command again",
+            file=sys.stderr,
+        )
+        return 130
     except aio.AioRpcError as exc:
         reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY, "")
         err = {"error": exc.code().name, "reason": reason, "message": exc.details()}

@@ -307,8 +307,7 @@ class Ingestion:
     async def status(
         self, caller: Principal, dataset_id: str, sha256: str, size_bytes: int
     ) -> UploadStatus:
-        if not SHA256_HEX.fullmatch(sha256) or size_bytes <= 0 or not dataset_id:
-            raise InvalidArgument("dataset_id, sha256 and size_bytes are required", "BAD_REQUEST")
+        self._validate_header(UploadHeader(dataset_id, "", size_bytes, sha256))
         await self._access.require(
             caller.subject, Action.ACTION_UPLOAD, dataset_id, f"dataset/{dataset_id}/uploads"
         )
@@ -371,7 +370,6 @@ class Ingestion:
             quarantine_bucket=self._bucket,
             quarantine_key=doc.get("quarantine_key", ""),
             size_bytes=int(doc["size_bytes"]),
-            sha256=doc["sha256"],
             metadata=common_pb2.ClinicalMetadata(**md),
             extension=doc.get("extension", ""),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from grpc import aio
+from pydantic import BaseModel, SecretStr
 
 from services.metadata.core import Catalogue
 from services.metadata.handlers import handlers
@@ -11,6 +12,7 @@ from services.shared.access import AccessChecker
 from services.shared.grpc.server import ServiceHost
 from services.shared.ports.bus import MessageBus
 from services.shared.ports.documents import DocumentStore
+from services.shared.pseudonym import Pseudonymizer
 from services.shared.settings import KafkaSettings, MongoSettings, ServiceSettings
 from services.shared.wiring import Adapters
 from tessera.metadata.v1 import metadata_pb2, metadata_pb2_grpc
@@ -18,9 +20,15 @@ from tessera.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 NAME = "metadata"
 
 
+class MetadataOptions(BaseModel):
+    # The node's pseudonym key, so searches by a partner's own case id work.
+    pseudonym_key: SecretStr | None = None
+
+
 class MetadataSettings(ServiceSettings):
     kafka: KafkaSettings
     mongo: MongoSettings
+    metadata: MetadataOptions = MetadataOptions()
 
 
 def bootstrap(
@@ -43,6 +51,9 @@ def bootstrap(
         slides=a.docs.collection("catalogue_slides"),
         datasets=a.docs.collection("catalogue_datasets"),
         access=a.require_access(),
+        pseudonymizer=Pseudonymizer(key.get_secret_value().encode(), settings.site)
+        if (key := settings.metadata.pseudonym_key) is not None
+        else None,
     )
     a.consume(handlers(catalogue))
 

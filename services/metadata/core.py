@@ -24,6 +24,7 @@ from services.shared.errors import (
     NotFound,
     PermanentEventError,
     PermissionDenied,
+    check_slide_id,
 )
 from services.shared.events import (
     TOPIC_DATASET_CREATED,
@@ -34,10 +35,12 @@ from services.shared.events import (
     TOPIC_SLIDE_TILED,
 )
 from services.shared.ports.documents import Collection
+from services.shared.pseudonym import Pseudonymizer
 from tessera.events.v1 import events_pb2
 
 RANK = {"RECEIVED": 1, "DEIDENTIFIED": 2, "TILED": 3, "READY": 4, "REJECTED": 100}
 MAX_PAGE = 200
+MAX_OFFSET = 10_000_000
 DEFAULT_PAGE = 50
 
 
@@ -66,10 +69,20 @@ class SearchResult:
 
 
 class Catalogue:
-    def __init__(self, *, slides: Collection, datasets: Collection, access: AccessChecker):
+    def __init__(
+        self,
+        *,
+        slides: Collection,
+        datasets: Collection,
+        access: AccessChecker,
+        pseudonymizer: Pseudonymizer | None = None,
+    ):
         self._slides = slides
         self._datasets = datasets
         self._access = access
+        # With the node's key, a partner may search by its own case id: the query value is
+        # pseudonymised exactly as ingestion pseudonymised the upload's metadata.
+        self._pseudo = pseudonymizer
 
     async def ensure_indexes(self) -> None:
         for field in (
@@ -189,8 +202,7 @@ class Catalogue:
     # -- queries --------------------------------------------------------------------------
 
     async def get(self, caller: Principal, slide_id: str) -> dict[str, Any]:
-        if not slide_id or len(slide_id) > 128:
-            raise InvalidArgument("slide_id is required", "MISSING_FIELD")
+        check_slide_id(slide_id)
         doc = await self._slides.get(slide_id)
         if doc is None:
             raise NotFound("slide not found", "SLIDE_NOT_FOUND")
@@ -208,21 +220,25 @@ class Catalogue:
         flt: dict[str, Any] = {}
         if q.dataset_id:
             if q.dataset_id not in permitted:
-                decision = await self._access.check(
+                # Audited, but the answer is the same whether or not the dataset exists.
+                await self._access.check(
                     caller.subject,
                     Action.ACTION_READ_RECORD,
                     q.dataset_id,
                     f"dataset/{q.dataset_id}/search",
                 )
-                raise PermissionDenied("no grant on this dataset", decision.reason)
+                raise PermissionDenied("no grant on this dataset", "NO_GRANT")
             flt["dataset_id"] = q.dataset_id
         else:
             flt["dataset_id"] = {"$in": permitted}
+        case_id = q.case_id.strip()
+        if case_id and self._pseudo is not None and not self._pseudo.is_pseudonym(case_id):
+            case_id = self._pseudo.pseudonym("case", case_id)
         for key, value in (
             ("clinical.stain", q.stain),
             ("clinical.organ", q.organ),
             ("clinical.species", q.species),
-            ("clinical.case_id", q.case_id),
+            ("clinical.case_id", case_id),
         ):
             if value:
                 flt[key] = value.strip().lower() if key != "clinical.case_id" else value
@@ -248,10 +264,10 @@ def _decode_token(token: str) -> int:
         return 0
     try:
         raw = base64.urlsafe_b64decode(token.encode()).decode()
-        offset = int(raw[2:]) if raw.startswith("o:") else -1
+        offset = int(raw[2:]) if raw.startswith("o:") and len(raw) <= 14 else -1
     except (ValueError, binascii.Error, UnicodeDecodeError):
         offset = -1
-    if offset < 0:
+    if not 0 <= offset <= MAX_OFFSET:
         raise InvalidArgument("malformed page_token", "BAD_PAGE_TOKEN")
     return offset
 

@@ -64,3 +64,11 @@ class PermanentEventError(TesseraError):
     """An event that can never be processed (malformed, unknown type): dead-letter it."""
 
     default_reason = "MALFORMED_EVENT"
+
+
+def check_slide_id(slide_id: str) -> None:
+    """Slide ids are server-made UUIDs; anything else is answered before any lookup."""
+    if not slide_id:
+        raise InvalidArgument("slide_id is required", "MISSING_FIELD")
+    if len(slide_id) > 128:
+        raise InvalidArgument("slide_id must be at most 128 characters", "BAD_SLIDE_ID")

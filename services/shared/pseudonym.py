@@ -31,6 +31,16 @@ class Pseudonymizer:
         token = base64.b32encode(mac[:15]).decode("ascii").lower()
         return f"{self._site}-{kind[:3]}-{token}"
 
+    def is_pseudonym(self, value: str) -> bool:
+        """True for a value this node produced (site prefix, kind, 24 base32 characters)."""
+        parts = value.split("-")
+        return (
+            len(parts) >= 3
+            and "-".join(parts[:-2]) == self._site
+            and len(parts[-1]) == 24
+            and parts[-1].isalnum()
+        )
+
     def uid(self, value: str) -> str:
         """A DICOM UID (2.25 root, decimal of 128 bits) derived from `value` under the key."""
         mac = hmac.new(self._key, f"uid\x00{value}".encode(), hashlib.sha256).digest()

@@ -15,7 +15,7 @@ from typing import Any
 
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
-from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.shared.errors import FailedPrecondition, NotFound, OutOfRange, check_slide_id
 from services.shared.events import (
     TOPIC_SLIDE_REJECTED,
     TOPIC_SLIDE_TILED,
@@ -279,14 +279,18 @@ class TilingStage:
     # -- reading --------------------------------------------------------------------------
 
     async def _pyramid(self, caller: Principal, slide_id: str, resource: str) -> dict[str, Any]:
-        if not slide_id or len(slide_id) > 128:
-            raise InvalidArgument("slide_id is required", "MISSING_FIELD")
+        check_slide_id(slide_id)
         doc = await self._pyramids.get(slide_id)
         if doc is None:
             raise NotFound("no pyramid for this slide (unknown, or not tiled yet)", "NOT_TILED")
         await self._access.require(
             caller.subject, Action.ACTION_READ_PIXELS, doc["dataset_id"], resource
         )
+        if doc.get("state") != "TILED":
+            raise FailedPrecondition(
+                f"the slide was rejected by tiling ({doc.get('reason', 'UNKNOWN')})",
+                "SLIDE_REJECTED",
+            )
         return doc
 
     async def _geometry_of(self, doc: dict[str, Any]) -> tuple[str, DziGeometry]:

@@ -31,7 +31,7 @@ from services.tiling.core import TileData, TilingStage
 
 log = logging.getLogger(__name__)
 
-_TILE = re.compile(r"^(\d{1,3})/(\d{1,7})_(\d{1,7})\.(jpeg|png)$")
+_TILE = re.compile(r"(\d{1,3})/(\d{1,10})_(\d{1,10})\.(jpeg|png)")
 _HTTP_STATUS = {
     Unauthenticated: 401,
     PermissionDenied: 403,
@@ -48,15 +48,39 @@ class TileHttpServer:
         self._host = host
         self._port = port
         self._stopping = asyncio.Event()
-        self.app = web.Application(middlewares=[self._errors])
+        self.app = web.Application(middlewares=[self._cors, self._errors])
+        self.app.on_response_prepare.append(self._strip_server_header)
         self.app.add_routes(
             [
                 web.get("/healthz", self._health),
+                web.options("/{tail:.*}", self._health),
                 web.get("/slides/{name}", self._slide_file),
                 web.get("/slides/{slide_id}_files/{rest:.+}", self._tile),
                 web.get("/slides/{slide_id}/thumbnail.jpeg", self._thumbnail),
             ]
         )
+
+    @staticmethod
+    async def _strip_server_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.pop("Server", None)
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Viewers are often served from another origin. Tokens travel in a header, never in
+        cookies, so any origin may read what its token allows."""
+        cors = {
+            "Access-Control-Allow-Origin": request.headers.get("Origin", "*"),
+            "Access-Control-Allow-Headers": "Authorization, If-None-Match",
+            "Access-Control-Allow-Methods": "GET, OPTIONS",
+            "Access-Control-Expose-Headers": "ETag",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        }
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers=cors)
+        response = await handler(request)
+        response.headers.update(cors)
+        return response
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -72,10 +96,13 @@ class TileHttpServer:
             return web.json_response({"error": "INTERNAL"}, status=500)
 
     def _principal(self, request: web.Request):  # type: ignore[no-untyped-def]
+        # The header wins; the query parameter is for viewers that cannot set headers.
+        if "Authorization" in request.headers:
+            return self._verifier.verify(bearer_from_metadata(list(request.headers.items())))
         token = request.query.get("access_token")
         if token:
             return self._verifier.verify(token)
-        return self._verifier.verify(bearer_from_metadata(list(request.headers.items())))
+        return self._verifier.verify(bearer_from_metadata([]))
 
     @staticmethod
     def _respond(request: web.Request, tile: TileData) -> web.Response:
@@ -100,13 +127,15 @@ class TileHttpServer:
         )
 
     async def _tile(self, request: web.Request) -> web.Response:
-        m = _TILE.match(request.match_info["rest"])
+        m = _TILE.fullmatch(request.match_info["rest"])
         if m is None:
             raise NotFound("malformed tile path", "BAD_TILE_PATH")
         level, col, row = int(m.group(1)), int(m.group(2)), int(m.group(3))
         tile = await self._stage.tile(
             self._principal(request), request.match_info["slide_id"], level, col, row
         )
+        if tile.content_type != f"image/{m.group(4)}":
+            raise NotFound(f"tiles of this slide are not {m.group(4)}", "WRONG_TILE_FORMAT")
         return self._respond(request, tile)
 
     async def _thumbnail(self, request: web.Request) -> web.Response:

@@ -437,3 +437,12 @@ async def test_list_audit_permissions(w: World) -> None:
         ("bob", Action.ACTION_MANAGE, "NO_GRANT"),
         ("svc-metadata", Action.ACTION_READ_RECORD, "NO_GRANT"),
     ]
+
+
+async def test_grant_term_is_bounded(w: World) -> None:
+    await with_dataset(w)
+    with pytest.raises(InvalidArgument) as err:
+        await w.ac.grant(
+            ADMIN, "ds-1", "dan", Role.ROLE_RESEARCHER, "study", T0 + timedelta(days=100_000)
+        )
+    assert err.value.reason == "EXPIRY_TOO_FAR"

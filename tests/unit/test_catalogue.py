@@ -62,7 +62,6 @@ def received(
             quarantine_bucket="q",
             quarantine_key=f"slides/{slide_id}",
             size_bytes=2651,
-            sha256="a" * 64,
             metadata=common_pb2.ClinicalMetadata(
                 stain=stain, organ="lung", species="human", case_id=case_id
             ),

@@ -41,7 +41,7 @@ FAST = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.005)
 def received(slide_id: str = "slide-1") -> events_pb2.EventEnvelope:
     return new_envelope(
         payload_field="slide_received",
-        payload=events_pb2.SlideReceived(size_bytes=10, sha256="0" * 64, extension="svs"),
+        payload=events_pb2.SlideReceived(size_bytes=10, quarantine_key="slides/x", extension="svs"),
         slide_id=slide_id,
         dataset_id="ds-1",
         event_id=event_id_for(slide_id, "received"),
@@ -167,7 +167,7 @@ async def test_handled_message_is_committed(h: Harness) -> None:
     await h.stop(runner, task, graceful=True)
 
     assert [e.event_id for e in h.seen] == [env.event_id]
-    assert h.seen[0].slide_received.sha256 == "0" * 64
+    assert h.seen[0].slide_received.quarantine_key == "slides/x"
     assert h.seen[0].producer == "producer"
     assert h.dlq() == []
     assert await h.redelivered() == []

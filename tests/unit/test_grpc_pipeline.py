@@ -125,6 +125,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         {
             "_id": "s-1",
             "dataset_id": "ds-1",
+            "state": "TILED",
             "source_bucket": "deid",
             "source_key": "slides/s-1.svs",
             "source_sha256": hashlib.sha256(download).hexdigest(),

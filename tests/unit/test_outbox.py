@@ -86,7 +86,7 @@ async def env() -> AsyncIterator[Env]:
 def received(slide_id: str) -> events_pb2.EventEnvelope:
     return new_envelope(
         payload_field="slide_received",
-        payload=events_pb2.SlideReceived(size_bytes=1, sha256="a" * 64),
+        payload=events_pb2.SlideReceived(size_bytes=1, extension="svs"),
         slide_id=slide_id,
         dataset_id="ds-1",
         event_id=event_id_for(slide_id, "received"),

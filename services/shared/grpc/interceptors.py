@@ -104,6 +104,9 @@ class ServerPipeline(aio.ServerInterceptor):
         """Abort the call for `exc`; returns the status code name recorded."""
         if isinstance(exc, TesseraError):
             code = status_for(exc)
+            # Operators see refusals by method, code and reason; never the message (it may
+            # name a tag or a key the caller sent).
+            log.info("rpc refused", extra={"rpc": method, "code": code.name, "reason": exc.reason})
             await context.abort(code, exc.message, trailing_metadata=((REASON_KEY, exc.reason),))
         ref = uuid.uuid4().hex[:12]
         log.error(

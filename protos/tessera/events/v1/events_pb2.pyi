@@ -131,14 +131,12 @@ class SlideReceived(_message.Message):
     QUARANTINE_BUCKET_FIELD_NUMBER: _builtins.int
     QUARANTINE_KEY_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    SHA256_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     EXTENSION_FIELD_NUMBER: _builtins.int
     format: _common_pb2.SlideFormat.ValueType
     quarantine_bucket: _builtins.str
     quarantine_key: _builtins.str
     size_bytes: _builtins.int
-    sha256: _builtins.str
     extension: _builtins.str
     """Lower-case file extension only ("svs", "ndpi", "dcm"); file names can identify patients."""
     @_builtins.property
@@ -152,13 +150,12 @@ class SlideReceived(_message.Message):
         quarantine_bucket: _builtins.str = ...,
         quarantine_key: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
-        sha256: _builtins.str = ...,
         metadata: _common_pb2.ClinicalMetadata | None = ...,
         extension: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["extension", b"extension", "format", b"format", "metadata", b"metadata", "quarantine_bucket", b"quarantine_bucket", "quarantine_key", b"quarantine_key", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extension", b"extension", "format", b"format", "metadata", b"metadata", "quarantine_bucket", b"quarantine_bucket", "quarantine_key", b"quarantine_key", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
