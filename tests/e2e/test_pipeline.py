@@ -234,6 +234,15 @@ async def test_dzi_tiles_over_grpc_and_http(world: World) -> None:
             assert r.status == 304
         async with http.get(f"{base}_files/{top}/0_0.jpeg") as r:
             assert r.status == 401
+        async with http.options(
+            f"{base}_files/{top}/0_0.jpeg",
+            headers={"Origin": "http://viewer.example", "Access-Control-Request-Method": "GET"},
+        ) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with http.get(f"{base}_files/{top}/0_0.png", headers=auth) as r:
+            assert r.status == 404
         stranger = {"Authorization": f"Bearer {token('e2e-stranger')}"}
         async with http.get(f"{base}_files/{top}/0_0.jpeg", headers=stranger) as r:
             assert r.status == 403
@@ -249,6 +258,11 @@ async def test_search_by_stain_and_dataset(world: World) -> None:
         assert world.slides["ndpi"] not in ids
         r = await c.metadata.SearchSlides(
             metadata_pb2.SearchSlidesRequest(dataset_id=world.dataset, stain="dapi")
+        )
+        assert [s.slide_id for s in r.slides] == [world.slides["ndpi"]]
+        # a partner searches with its own case id; the node pseudonymises the query
+        r = await c.metadata.SearchSlides(
+            metadata_pb2.SearchSlidesRequest(case_id=SAMPLES["ndpi"].case_id)
         )
         assert [s.slide_id for s in r.slides] == [world.slides["ndpi"]]
         r = await c.metadata.SearchSlides(
