@@ -43,12 +43,20 @@ FORMAT_OF_PROTO: dict[int, SlideFormat] = {
     common_pb2.SLIDE_FORMAT_HAMAMATSU_NDPI: SlideFormat.HAMAMATSU_NDPI,
     common_pb2.SLIDE_FORMAT_GENERIC_TIFF: SlideFormat.GENERIC_TIFF,
     common_pb2.SLIDE_FORMAT_DICOM_WSI: SlideFormat.DICOM_WSI,
+    common_pb2.SLIDE_FORMAT_OME_TIFF: SlideFormat.OME_TIFF,
+    common_pb2.SLIDE_FORMAT_QPTIFF: SlideFormat.QPTIFF,
+    common_pb2.SLIDE_FORMAT_PHILIPS_TIFF: SlideFormat.PHILIPS_TIFF,
+    common_pb2.SLIDE_FORMAT_VENTANA_BIF: SlideFormat.VENTANA_BIF,
 }
 EXTENSION_OF: dict[int, str] = {
     common_pb2.SLIDE_FORMAT_APERIO_SVS: "svs",
     common_pb2.SLIDE_FORMAT_HAMAMATSU_NDPI: "ndpi",
     common_pb2.SLIDE_FORMAT_GENERIC_TIFF: "tiff",
     common_pb2.SLIDE_FORMAT_DICOM_WSI: "dcm",
+    common_pb2.SLIDE_FORMAT_OME_TIFF: "ome.tiff",
+    common_pb2.SLIDE_FORMAT_QPTIFF: "qptiff",
+    common_pb2.SLIDE_FORMAT_PHILIPS_TIFF: "tiff",
+    common_pb2.SLIDE_FORMAT_VENTANA_BIF: "bif",
 }
 
 

@@ -54,6 +54,10 @@ SUPPORTED: dict[SlideFormat, int] = {
     SlideFormat.HAMAMATSU_NDPI: common_pb2.SLIDE_FORMAT_HAMAMATSU_NDPI,
     SlideFormat.GENERIC_TIFF: common_pb2.SLIDE_FORMAT_GENERIC_TIFF,
     SlideFormat.DICOM_WSI: common_pb2.SLIDE_FORMAT_DICOM_WSI,
+    # De-identification also handles OME-TIFF, QPTIFF and Ventana BIF, but tiling reads slides
+    # with OpenSlide, which opens none of them here: accepting them would only move the
+    # rejection later. Philips TIFF is de-identified and tiled.
+    SlideFormat.PHILIPS_TIFF: common_pb2.SLIDE_FORMAT_PHILIPS_TIFF,
 }
 IDENTIFIER_FIELDS = ("case_id", "patient_id", "specimen_id", "block_id")
 DESCRIPTIVE_FIELDS = ("stain", "organ", "species")

@@ -69,7 +69,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "service": self._service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _message(record),
         }
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
@@ -84,14 +84,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Loggers whose messages are about connections and protocol state, never file content.
+# Parsers and image libraries (pydicom, tifffile, PIL, openslide, warnings) can quote values
+# from a slide in their messages: for them only the logger name and level are written.
+_TRUSTED_PREFIXES = ("services.", "aiokafka", "kafka", "grpc", "pymongo", "aiohttp", "asyncio")
+
+
+def _message(record: logging.LogRecord) -> str:
+    name = record.name
+    if name == "root" or name.startswith(_TRUSTED_PREFIXES) or name.startswith("__main__"):
+        return record.getMessage()
+    return "third-party message withheld (it may quote slide content)"
+
+
 def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "kafka", "pymongo", "urllib3", "grpc"):
+    for noisy in ("aiokafka", "kafka", "pymongo", "urllib3", "grpc", "pydicom", "tifffile"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # warnings.warn() from parsers becomes a log record (withheld text), not raw stderr.
+    logging.captureWarnings(True)
 
 
 class JsonLinesSpanExporter(SpanExporter):

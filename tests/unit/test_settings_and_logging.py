@@ -139,7 +139,7 @@ def logger() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter("unit"))
-    log = logging.getLogger("tests.unit.json")
+    log = logging.getLogger("services.unit.json")
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG)
     log.propagate = False
@@ -171,7 +171,7 @@ def test_only_whitelisted_extra_fields_are_kept(
     assert entry["msg"] == "slide received"
     assert entry["level"] == "INFO"
     assert entry["service"] == "unit"
-    assert entry["logger"] == "tests.unit.json"
+    assert entry["logger"] == "services.unit.json"
     assert (entry["slide_id"], entry["dataset_id"], entry["attempt"]) == ("s-1", "ds-1", 2)
     for dropped in ("original_filename", "patient_name", "metadata", "filename", "pathname"):
         assert dropped not in entry
@@ -206,3 +206,28 @@ def test_exceptions_are_logged_by_type_only(logger: tuple[logging.Logger, io.Str
     assert entry["error_type"] == "ValueError"
     assert "Jane Doe" not in stream.getvalue()
     assert "Traceback" not in stream.getvalue()
+
+
+def test_third_party_parser_messages_are_withheld() -> None:
+    """pydicom, tifffile and friends may quote file content in warnings: only our own and the
+    transport libraries' messages are written."""
+    import json
+    import logging
+
+    from services.shared.telemetry import JsonFormatter
+
+    fmt = JsonFormatter("deid")
+    leaky = logging.LogRecord(
+        "pydicom", logging.WARNING, __file__, 1, "Invalid value for VR PN: 'Doe^Jane'", None, None
+    )
+    warned = logging.LogRecord(
+        "py.warnings", logging.WARNING, __file__, 1, "UserWarning: PatientName Doe^Jane", None, None
+    )
+    ours = logging.LogRecord(
+        "services.deid.core", logging.INFO, __file__, 1, "slide de-identified", None, None
+    )
+    for record in (leaky, warned):
+        entry = json.loads(fmt.format(record))
+        assert "Doe" not in json.dumps(entry)
+        assert entry["logger"] == record.name
+    assert json.loads(fmt.format(ours))["msg"] == "slide de-identified"

@@ -31,6 +31,10 @@ class _SlideFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlideForm
     SLIDE_FORMAT_HAMAMATSU_NDPI: _SlideFormat.ValueType  # 2
     SLIDE_FORMAT_GENERIC_TIFF: _SlideFormat.ValueType  # 3
     SLIDE_FORMAT_DICOM_WSI: _SlideFormat.ValueType  # 4
+    SLIDE_FORMAT_OME_TIFF: _SlideFormat.ValueType  # 5
+    SLIDE_FORMAT_QPTIFF: _SlideFormat.ValueType  # 6
+    SLIDE_FORMAT_PHILIPS_TIFF: _SlideFormat.ValueType  # 7
+    SLIDE_FORMAT_VENTANA_BIF: _SlideFormat.ValueType  # 8
 
 class SlideFormat(_SlideFormat, metaclass=_SlideFormatEnumTypeWrapper):
     """The container format of a whole-slide image."""
@@ -40,6 +44,10 @@ SLIDE_FORMAT_APERIO_SVS: SlideFormat.ValueType  # 1
 SLIDE_FORMAT_HAMAMATSU_NDPI: SlideFormat.ValueType  # 2
 SLIDE_FORMAT_GENERIC_TIFF: SlideFormat.ValueType  # 3
 SLIDE_FORMAT_DICOM_WSI: SlideFormat.ValueType  # 4
+SLIDE_FORMAT_OME_TIFF: SlideFormat.ValueType  # 5
+SLIDE_FORMAT_QPTIFF: SlideFormat.ValueType  # 6
+SLIDE_FORMAT_PHILIPS_TIFF: SlideFormat.ValueType  # 7
+SLIDE_FORMAT_VENTANA_BIF: SlideFormat.ValueType  # 8
 Global___SlideFormat: _TypeAlias = SlideFormat  # noqa: Y015
 
 class _SlideStatus:
