@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
 .PHONY: help venv protos protos-check lint stack-up stack-down up down run status \
-        test test-unit test-contract test-e2e clean
+        test test-unit bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -34,8 +34,8 @@ protos-check: protos ## fail if the checked-in generated code is stale
 	  { git status --porcelain -- protos; echo "untracked generated files" >&2; exit 1; }
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check services tests deploy
-	$(VENV)/bin/ruff format --check services tests deploy
+	$(VENV)/bin/ruff check services tests deploy scripts
+	$(VENV)/bin/ruff format --check services tests deploy scripts
 	$(VENV)/bin/mypy services
 
 stack-up: ## obtain, build (cached) and start Kafka, the S3 server and FerretDB
@@ -63,6 +63,9 @@ test-unit: $(STAMP) ## unit tests only (no servers)
 
 test: up ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
 	$(PY) -m pytest -q -p no:cacheprovider tests -rs
+
+bench: $(STAMP) ## de-identification vs a plain copy on a generated ~1.4 GB SVS (cached in .tessera/cache/bench)
+	$(PY) scripts/bench_deid.py
 
 clean: down ## stop everything and delete the local stack's data (keeps the download cache)
 	rm -rf $(TESSERA_HOME)/stack

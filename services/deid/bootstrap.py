@@ -33,7 +33,9 @@ NAME = "deid"
 class DeidOptions(BaseModel):
     work_dir: Path
     pseudonym_key: SecretStr
-    date_policy: str = "remove"
+    date_policy: str = "remove"  # "remove" | "year"
+    macro_policy: str = "remove"  # "remove" | "blank_label"
+    macro_label_fraction: float = 1 / 3
 
 
 class DeidSettings(ServiceSettings):
@@ -69,7 +71,11 @@ def bootstrap(
         jobs=a.docs.collection("deid_jobs"),
         outbox=a.outbox("deid_outbox"),
         pseudonymizer=Pseudonymizer(opts.pseudonym_key.get_secret_value().encode(), settings.site),
-        policy=DeidPolicy(date_policy=opts.date_policy),
+        policy=DeidPolicy(
+            date_policy=opts.date_policy,
+            macro_policy=opts.macro_policy,
+            macro_label_fraction=opts.macro_label_fraction,
+        ),
         work_dir=opts.work_dir,
         output_bucket=settings.buckets.deidentified,
         access=a.require_access(),

@@ -429,9 +429,9 @@ def test_nonconformant_dicom_rejected(tmp_path: Path) -> None:
 def test_unsupported_format_rejected(tmp_path: Path) -> None:
     with pytest.raises(DeidRejected) as e:
         deidentify(
-            slide("perkinelmer-qptiff/small_vectra.qptiff"),
+            slide("olympus-vsi/vsi-ets-test-jpg2k.vsi"),
             tmp_path / "o.tif",
-            SlideFormat.QPTIFF,
+            SlideFormat.OLYMPUS_VSI,
             P,
         )
     assert e.value.reason == "UNSUPPORTED_FORMAT"

@@ -5,9 +5,12 @@ An Aperio description looks like::
     Aperio Image Library v11.2.1 \\r\\n
     46000x32914 [42673,5576 2220x2967] (240x240) JPEG/RGB Q=30;...|AppMag = 20|MPP = 0.4990|...
 
-The header line is kept (OpenSlide recognises Aperio by the "Aperio" prefix), the geometry
-summary is kept when every token of it is a known geometry/compression token, and each
-``key = value`` field is kept, removed, or - when no rule knows the key - the slide is rejected.
+The header line is kept only when it is "Aperio <known product> v<version>" (OpenSlide
+recognises Aperio by the "Aperio" prefix; anything else rejects the slide, naming the line, not
+its value), the geometry summary is kept when every token of it is a number/size/region, "->",
+"-", ";", a compression name from a closed set, Q=/R= or an embedded header of the same
+grammar, and each ``key = value`` field is kept, removed, or - when no rule knows the key - the
+slide is rejected. "ICC Profile" is kept only when it names a known profile, else removed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from services.shared.wsi.sniff import svs_associated_kind
 from services.shared.wsi.tiff import OutTag, TiffIfd, TiffStructure, TiffTag
 
 _NUMBER = re.compile(r"^[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?$")
-_ICC_NAME = re.compile(r"^[A-Za-z0-9 .,()_/+\-]{0,128}$")
 
 # Fields kept verbatim once their value passes the validator.
 SVS_KEEP: dict[str, re.Pattern[str]] = {
@@ -55,8 +57,8 @@ SVS_KEEP: dict[str, re.Pattern[str]] = {
             "DisplayColor",
         )
     },
-    "ICC Profile": _ICC_NAME,
 }
+ICC_PROFILE_FIELD = "ICC Profile"
 # Fields removed because they identify the slide, patient, operator, scanner or time.
 SVS_REMOVE_IDENTIFYING = frozenset(
     {
@@ -76,11 +78,44 @@ SVS_REMOVE_IDENTIFYING = frozenset(
 # Fields removed because they are free text or not needed (not identifying by themselves).
 SVS_REMOVE_OTHER = frozenset({"Parmset", "SessionMode"})
 
-_HEADER = re.compile(r"^Aperio(?: [A-Za-z0-9.\-_]+)*\s*$")
+# Header line: "Aperio" + a known product name + a version, nothing else. OpenSlide only needs
+# the "Aperio" prefix; a header outside this grammar rejects the slide (the line is named, never
+# its value) so that a new scanner generation is looked at before it is let through.
+_PRODUCT = r"(?:Image Library|Leica Biosystems GT ?450(?: DX)?|Image Format)"
+_VERSION = r"v(?:\d{1,4}(?:\.\d{1,6}){0,4}|FS\d{1,4}(?: \d{1,4})?)"
+_LIBRARY = rf"Aperio {_PRODUCT} {_VERSION}"
+_HEADER = re.compile(rf"^{_LIBRARY}[ \t]*$")
+LIBRARY_PATTERN = _LIBRARY
+# Compression names Aperio writes in the geometry summary (closed set).
+_COMPRESSIONS = r"(?:JPEG/RGB|JPEG/YUV|JPEG/YCC|J2K/KDU|J2K/YUV16|J2K/RGB|J2K/YCC|LZW/RGB|RAW/RGB)"
+# Geometry summary: sizes, region, tile size, "->", compression, quality, and (in files written
+# by ImageScope from another Aperio file) ";" + the source's header line and summary.
 _SUMMARY = re.compile(
-    r"(?:\s+|;|->|-|Aperio(?: [A-Za-z]+)* v\d+(?:\.\d+)*|\d+x\d+\]?|\[\d+,\d+|\(\d+x\d+\)"
-    r"|[A-Z0-9]{2,8}(?:/[A-Z0-9]{2,8})?|[QR]=\d+)*"
+    r"(?:[ \t\r\n]+|;|->|-|" + _LIBRARY + r"|\d{1,7}x\d{1,7}\]?|\[\d{1,7},\d{1,7}"
+    r"|\(\d{1,7}x\d{1,7}\)|" + _COMPRESSIONS + r"|[QR]=\d{1,3})*"
 )
+# Values of the "ICC Profile" field that are profile names of Aperio scanners; any other
+# value is removed (the field is informational; the profile itself is tag 34675).
+ICC_PROFILE_NAMES = frozenset(
+    {
+        "ScanScope v1",
+        "ScanScope v2",
+        "AT2",
+        "AT2 v1",
+        "CS2",
+        "GT450",
+        "GT 450",
+        "GT450 DX",
+        "sRGB",
+        "sRGB IEC61966-2.1",
+        "IEC 61966-2.1 Default RGB colour space - sRGB",
+        "Adobe RGB (1998)",
+    }
+)
+
+
+def header_ok(header: str) -> bool:
+    return bool(_HEADER.match(header))
 
 
 @dataclass(frozen=True)
@@ -119,12 +154,18 @@ def parse_description(text: str) -> AperioDescription:
 def clean_description(text: str, tally: Tally) -> str:
     desc = parse_description(text)
     if not _HEADER.match(desc.header):
-        raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription header line")
+        raise DeidRejected(UNEXPECTED_SVS_VALUE, "ImageDescription header line")
     if not _SUMMARY.fullmatch(desc.summary):
+        # reason code kept as before (UNKNOWN_SVS_FIELD; pinned by the engine tests)
         raise DeidRejected(UNKNOWN_SVS_FIELD, "ImageDescription geometry summary")
     kept: list[tuple[str, str]] = []
     for key, value in desc.fields:
-        if key in SVS_KEEP:
+        if key == ICC_PROFILE_FIELD:
+            if value in ICC_PROFILE_NAMES:
+                kept.append((key, value))
+            else:
+                tally.remove("svs_field.ICC Profile", value)
+        elif key in SVS_KEEP:
             if not SVS_KEEP[key].match(value):
                 raise DeidRejected(UNEXPECTED_SVS_VALUE, f"ImageDescription field {key!r}")
             kept.append((key, value))
@@ -152,6 +193,8 @@ def verify_description(text: str) -> str | None:
     if not _HEADER.match(desc.header) or not _SUMMARY.fullmatch(desc.summary):
         return "ImageDescription header or summary"
     for key, value in desc.fields:
+        if key == ICC_PROFILE_FIELD and value in ICC_PROFILE_NAMES:
+            continue
         if key not in SVS_KEEP or not SVS_KEEP[key].match(value):
             return f"ImageDescription field {_safe_key(key)!r}"
     return None

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from services.deid.engine import aperio, dicom_deid, generic_tiff, hamamatsu
+from services.deid.engine import (
+    aperio,
+    dicom_deid,
+    generic_tiff,
+    hamamatsu,
+    macro,
+    ome_tiff,
+    philips,
+    qptiff,
+    ventana,
+)
 from services.deid.engine.model import (
     FORMAT_MISMATCH,
     MALFORMED_FILE,
     UNSUPPORTED_FORMAT,
+    UNSUPPORTED_STRUCTURE,
     DeidPolicy,
     DeidRejected,
     DeidReport,
@@ -19,6 +31,7 @@ from services.deid.engine.model import (
 from services.deid.engine.tiff_common import (
     FormatTagRules,
     check_level_compression,
+    clean_codestream_heads,
     clean_ifd_tags,
     level_segments,
     write_atomically,
@@ -34,7 +47,7 @@ from services.shared.wsi.sniff import (
     pyramid_ifds,
     slide_resolution,
 )
-from services.shared.wsi.tiff import OutIfd, TiffError, TiffIfd
+from services.shared.wsi.tiff import OutIfd, OutTag, TiffError, TiffIfd
 
 
 def deidentify(
@@ -99,7 +112,41 @@ def _deidentify_tiff(
     rules: FormatTagRules
     kept: list[TiffIfd]
     levels: list[TiffIfd]
-    if fmt is SlideFormat.APERIO_SVS:
+    per_ifd: dict[int, FormatTagRules] = {}
+    added: dict[int, OutTag] = {}
+    with_children = False
+    if fmt is SlideFormat.OME_TIFF:
+        res = ome_tiff.clean_ome_xml(ome_tiff.ome_text(st), len(st.ifds), tally, policy)
+        kept = [st.ifds[i] for i in res.keep_ifds]
+        first = kept[0]
+        levels = [first, *first.children.get(tiff.SUB_IFDS, [])]
+        rules = FormatTagRules(
+            special={
+                tiff.IMAGE_DESCRIPTION: ome_tiff.drop_description,
+                tiff.SUB_IFDS: ome_tiff.drop_subifds,
+            }
+        )
+        per_ifd[first.offset] = FormatTagRules(
+            special={
+                tiff.IMAGE_DESCRIPTION: ome_tiff.description_handler(res.xml),
+                tiff.SUB_IFDS: ome_tiff.drop_subifds,
+            }
+        )
+        with_children = True
+    elif fmt is SlideFormat.QPTIFF:
+        sel_q = qptiff.select_ifds(st, tally)
+        kept, levels = sel_q.ifds, sel_q.levels
+        rules = generic_tiff.RULES
+        per_ifd = {off: qptiff.rules(xml) for off, xml in sel_q.xml.items()}
+    elif fmt is SlideFormat.PHILIPS_TIFF:
+        sel_p = philips.select_ifds(st, tally)
+        kept, levels, rules = sel_p.ifds, sel_p.levels, philips.OTHER_RULES
+        per_ifd[kept[0].offset] = philips.first_rules(sel_p.xml)
+    elif fmt is SlideFormat.VENTANA_BIF:
+        sel_v = ventana.select_ifds(st, tally)
+        kept, levels, rules = sel_v.ifds, sel_v.levels, ventana.RULES
+        added = sel_v.xmp
+    elif fmt is SlideFormat.APERIO_SVS:
         sel_a = aperio.select_ifds(st, policy, tally)
         kept, levels, rules = sel_a.ifds, sel_a.levels, aperio.RULES
     elif fmt is SlideFormat.HAMAMATSU_NDPI:
@@ -108,19 +155,53 @@ def _deidentify_tiff(
     else:
         sel_g = generic_tiff.select_ifds(st, tally)
         kept, levels, rules = sel_g.ifds, sel_g.levels, generic_tiff.RULES
-    must_keep = {ifd.offset for ifd in pyramid_ifds(st, fmt)}
-    if not must_keep <= {ifd.offset for ifd in kept} or not levels:
+    if fmt is not SlideFormat.OME_TIFF:  # OME: the XML, not the IFD order, names the images
+        must_keep = {ifd.offset for ifd in pyramid_ifds(st, fmt)}
+        if not must_keep <= {ifd.offset for ifd in kept}:
+            raise DeidRejected(MALFORMED_FILE, "pyramid level selection is inconsistent")
+    if not levels:
         raise DeidRejected(MALFORMED_FILE, "pyramid level selection is inconsistent")
-    out_ifds: list[OutIfd] = []
-    for ifd in kept:
-        where = f"IFD {ifd.index}"
+
+    def convert(ifd: TiffIfd, where: str, ifd_rules: FormatTagRules) -> OutIfd:
         check_level_compression(ifd, where)
         segments = level_segments(ifd, st, where)
         try:
-            tags = clean_ifd_tags(ifd, where, tally, rules)
+            tags = clean_ifd_tags(ifd, where, tally, ifd_rules)
         except TiffError as exc:
             raise DeidRejected(MALFORMED_FILE, f"{where}: {exc.reason}") from exc
-        out_ifds.append(OutIfd(tags, segments, ifd.is_tiled))
+        extra = added.get(ifd.offset)
+        if extra is not None:
+            tags = [t for t in tags if t.code != extra.code] + [extra]
+        year = year_of_tiff_datetime(ifd) if policy.date_policy == "year" else None
+        if year is not None:
+            tags = [t for t in tags if t.code != DATETIME] + [OutTag.ascii(DATETIME, year)]
+        edits = clean_codestream_heads(fsrc, ifd, segments, where, tally)
+        if edits and tiff.NDPI_MCU_STARTS in ifd.tags:
+            tags = shift_mcu_starts(ifd, tags, segments, edits, where, st.byteorder)
+        return OutIfd(tags, segments, ifd.is_tiled, edits=edits)
+
+    placed: list[tuple[int, OutIfd]] = []
+    with open(src, "rb") as fsrc:
+        for ifd in kept:
+            where = f"IFD {ifd.index}"
+            out = convert(ifd, where, per_ifd.get(ifd.offset, rules))
+            if with_children:
+                for n, kid in enumerate(ifd.children.get(tiff.SUB_IFDS, [])):
+                    if kid.children:
+                        raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: nested SubIFDs")
+                    out.children.append(convert(kid, f"{where} SubIFD {n}", rules))
+            placed.append((ifd.index, out))
+    if policy.macro_policy == "blank_label":
+        for ifd in macro.macro_ifds(st, fmt):
+            where = f"IFD {ifd.index}"
+            check_level_compression(ifd, where)
+            level_segments(ifd, st, where)
+            try:
+                tags = clean_ifd_tags(ifd, where, tally, macro.macro_rules(rules, ifd))
+            except TiffError as exc:
+                raise DeidRejected(MALFORMED_FILE, f"{where}: {exc.reason}") from exc
+            placed.append((ifd.index, macro.blank_macro(src, st, ifd, tags, policy, tally)))
+    out_ifds = [out for _i, out in sorted(placed, key=lambda p: p[0])]
     result = write_atomically(src, dst, out_ifds, st, policy)
     if mpp_x is None:
         mpp_x, mpp_y, power = slide_resolution(st, fmt, levels[0])
@@ -138,6 +219,60 @@ def _deidentify_tiff(
         output_size=result.size,
         identifying_values=tally.values,
     )
+
+
+def shift_mcu_starts(
+    ifd: TiffIfd,
+    tags: list[OutTag],
+    segments: Sequence[tuple[int, int]],
+    edits: dict[int, tuple[bytes, int]],
+    where: str,
+    byteorder: tiff.ByteOrder,
+) -> list[OutTag]:
+    """NDPI McuStarts (65426, high words in 65432) are offsets into the single strip; when
+    text segments were removed from the strip header, every start moves back by the bytes
+    removed (all starts lie in the entropy-coded data, after the header)."""
+    if len(segments) != 1 or set(edits) != {0}:
+        raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: NDPI level with several strips")
+    head, skip = edits[0]
+    delta = skip - len(head)
+    starts_tag = ifd.tags[tiff.NDPI_MCU_STARTS]
+    high_tag = ifd.tags.get(65432)
+    try:
+        starts = starts_tag.ints()
+        highs = high_tag.ints() if high_tag is not None else [0] * len(starts)
+    except TiffError as exc:
+        raise DeidRejected(MALFORMED_FILE, f"{where}: McuStarts: {exc.reason}") from exc
+    if len(highs) != len(starts):
+        raise DeidRejected(MALFORMED_FILE, f"{where}: McuStarts high words do not match")
+    full = [(h << 32) | v for v, h in zip(starts, highs, strict=True)]
+    if any(v < skip for v in full):
+        raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: McuStarts point into the header")
+    moved = [v - delta for v in full]
+    out = [t for t in tags if t.code not in (tiff.NDPI_MCU_STARTS, 65432)]
+    out.append(
+        OutTag.ints(
+            tiff.NDPI_MCU_STARTS, starts_tag.dtype, [v & 0xFFFFFFFF for v in moved], byteorder
+        )
+    )
+    if high_tag is not None:
+        out.append(OutTag.ints(65432, high_tag.dtype, [v >> 32 for v in moved], byteorder))
+    return out
+
+
+DATETIME = 306
+_TIFF_DATETIME = re.compile(r"^\s*(\d{4})[:\-/]\d{2}[:\-/]\d{2}")
+
+
+def year_of_tiff_datetime(ifd: TiffIfd) -> str | None:
+    """date_policy="year": TIFF DateTime reduced to 1 January, midnight, of its year."""
+    tag = ifd.get(DATETIME)
+    if tag is None or tag.dtype != tiff.ASCII:
+        return None
+    m = _TIFF_DATETIME.match(tag.text())
+    if not m or not "1000" <= m.group(1) <= "2999":
+        return None
+    return f"{m.group(1)}:01:01 00:00:00"
 
 
 def deidentify_and_verify(

@@ -10,7 +10,9 @@ are not copied.
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import struct
 import warnings
 from collections.abc import Iterable
 from contextlib import suppress
@@ -28,7 +30,10 @@ from services.deid.engine import streams
 from services.deid.engine.dicom_rules import (
     BASIC_PROFILE_CODE,
     DATE_VRS,
+    DEVICE_TEXT,
     DUMMY_BY_VR,
+    EMPTY_WHEN_UNKNOWN,
+    FREE_TEXT_VRS,
     IDENTIFYING_CONCEPTS,
     IMPLEMENTATION_VERSION_NAME,
     MAX_LENGTH_BY_VR,
@@ -37,6 +42,8 @@ from services.deid.engine.dicom_rules import (
     TEXT_VRS,
     WSM_SOP_CLASS,
     Act,
+    canonical_code_meaning,
+    value_allowed,
 )
 from services.deid.engine.model import (
     ASSOCIATED_IMAGE_ONLY,
@@ -45,6 +52,7 @@ from services.deid.engine.model import (
     MALFORMED_FILE,
     MISSING_IMAGE_TYPE,
     PSEUDONYM_TOO_LONG,
+    UNEXPECTED_DICOM_VALUE,
     UNSUPPORTED_FORMAT,
     UNSUPPORTED_IMAGE_TYPE,
     DeidPolicy,
@@ -52,6 +60,7 @@ from services.deid.engine.model import (
     Tally,
 )
 from services.shared.pseudonym import Pseudonymizer
+from services.shared.wsi import codestream
 from services.shared.wsi.sniff import (
     DicomHeader,
     DicomStructureError,
@@ -160,11 +169,35 @@ class _Cleaner:
         return self.p.uid(value)
 
     # -- dataset ----------------------------------------------------------------------------
+    def _year(self, elem: DataElement) -> str | None:
+        """date_policy="year": DA/DT reduced to 1 January of their year (PS3.15 "modified
+        dates"); None when the policy removes dates or the value is not a plain date."""
+        if self.policy.date_policy != "year" or elem.VR not in ("DA", "DT"):
+            return None
+        value = str(elem.value or "").strip()
+        m = re.match(r"^(\d{4})(?:\d{2}|-\d{2})", value)
+        if not m or not "1000" <= m.group(1) <= "2999":
+            return None
+        return m.group(1) + ("0101" if elem.VR == "DA" else "0101000000")
+
     def clean(self, ds: Dataset) -> Dataset:
         out = Dataset()
         for elem in _elements(ds):
             self._clean_element(elem, out)
+        if "CodeMeaning" in ds:
+            self._code_meaning(ds, out)
         return out
+
+    def _code_meaning(self, ds: Dataset, out: Dataset) -> None:
+        """Code Meaning is free text: it is regenerated from the code (value, scheme) and the
+        code dictionary, never copied (see dicom_rules.canonical_code_meaning)."""
+        value = str(ds.get("CodeValue") or ds.get("LongCodeValue") or ds.get("URNCodeValue") or "")
+        scheme = str(ds.get("CodingSchemeDesignator") or "")
+        given = str(ds.get("CodeMeaning") or "")
+        meaning = canonical_code_meaning(value.strip(), scheme.strip(), given)
+        if meaning != given.strip():
+            self.tally.remove("dicom_attribute.CodeMeaning")
+        out.CodeMeaning = meaning[:64]
 
     def _clean_element(self, elem: DataElement, out: Dataset) -> None:
         tag = elem.tag
@@ -186,6 +219,21 @@ class _Cleaner:
             if vr == "SQ":
                 act = Act.SEQ
             else:
+                if kw == "ICCProfile" and not _icc_clean(elem.value):
+                    # free text in the profile: dropped (display colour only, not pixels)
+                    self.tally.remove("dicom_attribute.ICCProfile")
+                    return
+                if vr in FREE_TEXT_VRS and not value_allowed(kw, _str_values(elem)):
+                    if kw in DEVICE_TEXT:
+                        self.tally.remove(f"dicom_attribute.{kw}", _str_values(elem))
+                        return
+                    if kw in EMPTY_WHEN_UNKNOWN:
+                        self.tally.remove(f"dicom_attribute.{kw}", _str_values(elem))
+                        out.add(DataElement(tag, vr, None))
+                        return
+                    raise DeidRejected(
+                        UNEXPECTED_DICOM_VALUE, f"{kw} holds a value outside its vocabulary"
+                    )
                 out.add(DataElement(tag, vr, elem.value))
                 return
         if act is Act.SEQ:
@@ -210,17 +258,21 @@ class _Cleaner:
             self.tally.pseudonymize(f"dicom_uid.{kw}", *[v for v in values if v])
             out.add(DataElement(tag, vr, new[0] if len(new) == 1 else new))
         elif act is Act.EMPTY:
+            year = self._year(elem)
             if not _is_empty(elem):
                 self.tally.remove(f"dicom_attribute.{kw}", _text_values(elem))
-            out.add(DataElement(tag, vr, None))
+            out.add(DataElement(tag, vr, year))
         elif act is Act.DUMMY:
             if vr not in DUMMY_BY_VR:
                 raise DeidRejected(MALFORMED_FILE, f"{kw} has an unexpected VR")
+            year = self._year(elem)
             if not _is_empty(elem):
                 self.tally.remove(f"dicom_attribute.{kw}", _text_values(elem))
-            out.add(DataElement(tag, vr, DUMMY_BY_VR[vr]))
+            out.add(DataElement(tag, vr, year or DUMMY_BY_VR[vr]))
         elif act is Act.REMOVE:
             self.tally.remove(f"dicom_attribute.{kw}", _identifying_values(elem))
+        elif act is Act.CODE_MEANING:
+            return  # regenerated by clean() from the code of the same item
         elif act is Act.REPLACED:
             self.tally.remove(f"dicom_attribute.{kw}")
         elif act is Act.PATIENT_NAME:
@@ -270,6 +322,10 @@ class _Cleaner:
                     f"dicom_content_item.{vt or 'UNKNOWN'}", _content_identifying(item)
                 )
         return kept
+
+
+def _icc_clean(value: object) -> bool:
+    return isinstance(value, bytes) and codestream.icc_profile_texts(value)[0]
 
 
 def _elements(ds: Dataset) -> list[DataElement]:
@@ -360,11 +416,22 @@ def _identifying_values(elem: DataElement) -> list[str]:
     return vals
 
 
-def deidentify_dicom(
-    src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
-) -> DicomResult:
-    hdr = load_header(src)
-    ds = hdr.dataset
+_DECODE_ERRORS = (
+    NotImplementedError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    UnicodeError,
+    struct.error,
+)
+
+
+def _clean_dataset(
+    ds: Any, hdr: DicomHeader, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
+) -> Dataset:
     check_instance(ds)
     if hdr.pixel is None:
         raise DeidRejected(MALFORMED_FILE, "the instance holds no Pixel Data (7FE0,0010)")
@@ -376,7 +443,34 @@ def deidentify_dicom(
         cleaner._pseudonym("patient", patient_id, "LO", "PatientID") if patient_id else None
     )
     cleaner.patient_pseudonym = patient_pseudonym
-    out = cleaner.clean(ds)
+    return cleaner.clean(ds)
+
+
+def deidentify_dicom(
+    src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
+) -> DicomResult:
+    hdr = load_header(src)
+    ds = hdr.dataset
+    try:
+        out = _clean_dataset(ds, hdr, pseudonymizer, policy, tally)
+    except _DECODE_ERRORS as exc:
+        # pydicom decodes values lazily: a malformed element surfaces while it is visited
+        raise DeidRejected(
+            MALFORMED_FILE, f"a DICOM element cannot be decoded ({type(exc).__name__})"
+        ) from exc
+    pixel = hdr.pixel
+    if pixel is None:  # checked by _clean_dataset; restated for the type checker
+        raise DeidRejected(MALFORMED_FILE, "the instance holds no Pixel Data (7FE0,0010)")
+    if pixel.encapsulated:
+        with open(src, "rb") as fh:
+            bad = codestream.frame_text_problem(fh, pixel.fragments)
+        if bad is not None:
+            # frames are copied verbatim (with their offset tables); text segments inside
+            # them cannot be stripped here, so the instance is rejected
+            raise DeidRejected(
+                UNEXPECTED_DICOM_VALUE,
+                f"Pixel Data fragment {bad} carries a JPEG comment/APPn segment",
+            )
     tally.discard(*DUMMY_BY_VR.values())
     if hdr.trailing_bytes:
         tally.remove("dicom_trailing_data")
@@ -386,7 +480,9 @@ def deidentify_dicom(
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = BASIC_PROFILE_CODE
     out.DeidentificationMethodCodeSequence = Sequence([code])
-    out.LongitudinalTemporalInformationModified = "REMOVED"
+    out.LongitudinalTemporalInformationModified = (
+        "MODIFIED" if policy.date_policy == "year" else "REMOVED"
+    )
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(WSM_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = UID(str(out.SOPInstanceUID))
@@ -401,10 +497,8 @@ def deidentify_dicom(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pydicom.dcmwrite(fdst, out, enforce_file_format=True)
-            fdst.write(hdr.pixel.header)
-            streams.copy_range(
-                fsrc, fdst, hdr.pixel.value_offset, hdr.pixel.length, policy.buffer_size
-            )
+            fdst.write(pixel.header)
+            streams.copy_range(fsrc, fdst, pixel.value_offset, pixel.length, policy.buffer_size)
             fdst.flush()
             if policy.fsync:
                 os.fsync(fdst.fileno())

@@ -1,7 +1,8 @@
 """Generic tiled (Big)TIFF rules.
 
-Every tiled IFD is a pyramid level (as for OpenSlide's generic-tiff driver) and must show the
-same picture as level 0; stripped IFDs (thumbnails, labels, anything else) are dropped.
+Tiled IFDs that form a consistent pyramid with level 0 are the levels (see
+``sniff.generic_pyramid``); every other image - stripped IFDs (thumbnails, labels) and tiled
+IFDs outside the pyramid sequence (a tiled label with the slide's aspect ratio) - is dropped.
 ImageDescription is dropped unless empty; the common rules drop DateTime, Artist,
 HostComputer, Software, DocumentName, PageName, XMP, IPTC, Photoshop and EXIF/GPS IFDs.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.deid.engine.model import UNEXPECTED_IFD, DeidRejected, Tally
-from services.deid.engine.tiff_common import FormatTagRules, aspect_matches
+from services.deid.engine.model import Tally
+from services.deid.engine.tiff_common import FormatTagRules
 from services.shared.wsi import tiff
+from services.shared.wsi.sniff import generic_pyramid
 from services.shared.wsi.tiff import OutTag, TiffIfd, TiffStructure, TiffTag
 
 
@@ -34,18 +36,17 @@ class Selection:
 
 
 def select_ifds(st: TiffStructure, tally: Tally) -> Selection:
-    tiled = [i for i in st.ifds if i.is_tiled]
-    if not tiled:
-        return Selection([], [])
-    base = tiled[0]
+    """Keep the pyramid levels (and their transparency masks); drop every other image:
+    stripped IFDs ("associated_image.unidentified") and tiled IFDs that are not a level of the
+    pyramid ("associated_image.unknown", see sniff.generic_pyramid)."""
+    pyr = generic_pyramid(st)
+    keep = {i.offset for i in (*pyr.levels, *pyr.masks)}
     kept: list[TiffIfd] = []
     for ifd in st.ifds:
         if not ifd.is_tiled:
             tally.remove("associated_image.unidentified")
-            continue
-        if ifd is not base and not aspect_matches(base, ifd):
-            raise DeidRejected(
-                UNEXPECTED_IFD, f"tiled IFD {ifd.index} is not a level of the pyramid"
-            )
-        kept.append(ifd)
-    return Selection(kept, [i for i in kept if not i.new_subfile_type & 0x4])
+        elif ifd.offset in keep:
+            kept.append(ifd)
+        else:
+            tally.remove("associated_image.unknown")
+    return Selection(kept, list(pyr.levels))

@@ -29,6 +29,7 @@ UNKNOWN_TIFF_TAG = "UNKNOWN_TIFF_TAG"
 UNEXPECTED_TAG_VALUE = "UNEXPECTED_TAG_VALUE"
 UNKNOWN_SVS_FIELD = "UNKNOWN_SVS_FIELD"
 UNEXPECTED_SVS_VALUE = "UNEXPECTED_SVS_VALUE"
+UNEXPECTED_DICOM_VALUE = "UNEXPECTED_DICOM_VALUE"
 UNKNOWN_NDPI_IFD = "UNKNOWN_NDPI_IFD"
 UNKNOWN_NDPI_PROPERTY = "UNKNOWN_NDPI_PROPERTY"
 AMBIGUOUS_ASSOCIATED_IMAGE = "AMBIGUOUS_ASSOCIATED_IMAGE"
@@ -53,6 +54,11 @@ class DeidPolicy:
     """Knobs of the de-identification. Defaults are the strict, fail-closed behaviour."""
 
     # Dates/times: "remove" drops them (or blanks/dummies them where DICOM requires a value).
+    # "year" keeps only the year of acquisition/study dates: DICOM DA/DT -> YYYY0101 /
+    # YYYY0101000000 (times still dummied), TIFF DateTime -> "YYYY:01:01 00:00:00", OME
+    # AcquisitionDate -> YYYY-01-01T00:00:00. Free-text vendor dates (SVS "Date", NDPI
+    # Created/Updated, QPTIFF calibration dates, Philips/BIF scan dates) are removed under
+    # both policies: they are not structured acquisition dates and gain nothing from a year.
     # (plain str so it can come straight from configuration; validated below)
     date_policy: str = "remove"
     # Keys of the NDPI property map (tag 65449) that no rule knows: "reject" the slide, or
@@ -61,6 +67,15 @@ class DeidPolicy:
     # DICOM Specimen Preparation Sequence: "empty" follows PS3.15 (Z); "filter" keeps coded
     # and numeric steps, pseudonymises specimen identifiers and drops free text and dates.
     dicom_specimen_preparation: str = "empty"
+    # Slide overview ("macro": a photograph of the whole glass slide, label included):
+    # "remove" drops it; "blank_label" keeps the SVS/NDPI macro re-encoded (JPEG, the only
+    # re-encoded image - pyramid levels never are) with the label end of the slide filled
+    # black. The label end is the left ``macro_label_fraction`` of the landscape macro
+    # (default 1/3, rounded up to whole 16-px JPEG blocks); for NDPI the barcode ROI of the
+    # property map widens it when it reaches further. Verified after writing: the blanked
+    # columns must decode to uniform black.
+    macro_policy: str = "remove"
+    macro_label_fraction: float = 1 / 3
     # Keep the Aperio thumbnail (second IFD) when it is certainly not the label.
     keep_svs_thumbnail: bool = True
     # Streaming buffer for copying and scanning pixel data.
@@ -71,8 +86,12 @@ class DeidPolicy:
     min_forbidden_length: int = 4
 
     def __post_init__(self) -> None:
-        if self.date_policy != "remove":
-            raise ValueError("only date_policy='remove' is implemented")
+        if self.date_policy not in ("remove", "year"):
+            raise ValueError("date_policy must be 'remove' or 'year'")
+        if self.macro_policy not in ("remove", "blank_label"):
+            raise ValueError("macro_policy must be 'remove' or 'blank_label'")
+        if not 0.05 <= self.macro_label_fraction <= 0.9:
+            raise ValueError("macro_label_fraction must lie between 0.05 and 0.9")
         if self.ndpi_unknown_property not in ("reject", "drop"):
             raise ValueError("ndpi_unknown_property must be 'reject' or 'drop'")
         if self.dicom_specimen_preparation not in ("empty", "filter"):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from services.deid.engine.model import (
     CORRUPT_IMAGE_DATA,
@@ -28,7 +29,7 @@ from services.deid.engine.model import (
     DeidRejected,
     Tally,
 )
-from services.shared.wsi import tiff
+from services.shared.wsi import codestream, tiff
 from services.shared.wsi.sniff import TIFF_COMPRESSIONS
 from services.shared.wsi.tiff import (
     OutIfd,
@@ -180,7 +181,13 @@ def clean_ifd_tags(ifd: TiffIfd, where: str, tally: Tally, rules: FormatTagRules
                     UNEXPECTED_TAG_VALUE,
                     f"InterColorProfile (tag 34675) in {where} is not an ICC profile",
                 )
-            out.append(OutTag.copy(tag))
+            clean, texts = codestream.icc_profile_texts(tag.data)
+            if clean:
+                out.append(OutTag.copy(tag))
+            else:
+                # free text (or tags we cannot read) in the profile: drop the profile. This
+                # loses colour management for display, never pixel values.
+                tally.remove("tiff_tag.InterColorProfile", *texts)
             continue
         if code in DEVICE_TEXT:
             if device_text_ok(tag):
@@ -273,3 +280,59 @@ def write_atomically(
         with suppress(FileNotFoundError):
             tmp.unlink()
     return result
+
+
+_HEAD_READ = 4096
+_HEAD_MAX = 1 << 20
+_SCAN_WINDOW = 8 << 20
+
+
+def clean_codestream_heads(
+    fh: BinaryIO, ifd: TiffIfd, segments: Sequence[tuple[int, int]], where: str, tally: Tally
+) -> dict[int, tuple[bytes, int]]:
+    """Drop text-carrying marker segments (JPEG COM/APPn, JPEG 2000 COM) from the header of
+    every JPEG / JPEG 2000 tile or strip of ``ifd``; returns the writer's segment edits.
+
+    Only header bytes (up to the first SOS/SOT) are read and rewritten; the entropy-coded
+    data is copied verbatim by the writer, so every tile decodes to the same pixels. Reads
+    the tiles in file order through a window, so the cost is one sequential pass over the
+    headers. Vendor/encoder signature comments (codestream.vendor_comment) are kept."""
+    comp = ifd.compression
+    if comp not in codestream.JPEG_COMPRESSIONS and comp not in codestream.J2K_COMPRESSIONS:
+        return {}
+    edits: dict[int, tuple[bytes, int]] = {}
+    done: dict[tuple[int, int], tuple[bytes, int] | None] = {}
+    order = sorted((o, c, k) for k, (o, c) in enumerate(segments) if c)
+    win_start, win = 0, b""
+    for off, cnt, k in order:
+        if (off, cnt) in done:
+            cached = done[(off, cnt)]
+            if cached is not None:
+                edits[k] = cached
+            continue
+        want = min(cnt, _HEAD_READ)
+        scan = None
+        while True:
+            if not (win_start <= off and off + want <= win_start + len(win)):
+                fh.seek(off)
+                win_start, win = off, fh.read(max(_SCAN_WINDOW, want))
+            head = win[off - win_start : off - win_start + want]
+            try:
+                scan = codestream.scan_header(head)
+            except codestream.CodestreamError as exc:
+                raise DeidRejected(
+                    CORRUPT_IMAGE_DATA, f"{where}: tile {k} has a malformed header ({exc})"
+                ) from exc
+            if scan is not None or want >= min(cnt, _HEAD_MAX):
+                break
+            want = min(cnt, _HEAD_MAX, want * 4)
+        if scan is None:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, f"{where}: tile {k} header is too long")
+        result: tuple[bytes, int] | None = None
+        if scan.drops:
+            result = codestream.rewrite_head(head, scan)
+            for kind, text in zip(scan.kinds, scan.texts, strict=True):
+                tally.remove(f"codestream_segment.{kind}", text if len(text) <= 4096 else None)
+            edits[k] = result
+        done[(off, cnt)] = result
+    return edits

@@ -4,8 +4,10 @@ The output is re-read independently of the code that wrote it:
 
 * TIFF formats: our own parser (structure, every tag against the format's output allow-list,
   vendor text re-validated, no label/macro, every byte of the file accounted for - no hidden
-  gaps or trailing data), tifffile (same IFDs and tags; sample tiles of every IFD decoded) and
-  OpenSlide (same vendor, no label/macro associated image, a level-0 region decodes).
+  gaps or trailing data), tifffile (same IFDs and tags; sample tiles of every IFD decoded),
+  OpenSlide (same vendor, no label/macro associated image, a level-0 region decodes), and a
+  scan of every JPEG / JPEG 2000 tile for COM/APPn text segments (headers parsed; the rest of
+  each JPEG tile searched for such markers); generic TIFF: only a consistent pyramid remains.
 * DICOM: pydicom (every element of every nested sequence against the keep-list, no private
   attributes, de-identification marks present, no data after Pixel Data), our own fragment
   walker, and sample frames decoded with imagecodecs.
@@ -23,16 +25,29 @@ from typing import Any
 
 import numpy as np
 
-from services.deid.engine import aperio, generic_tiff, hamamatsu, streams
+from services.deid.engine import (
+    aperio,
+    generic_tiff,
+    hamamatsu,
+    macro,
+    ome_tiff,
+    philips,
+    qptiff,
+    streams,
+    ventana,
+)
 from services.deid.engine.dicom_deid import check_instance
 from services.deid.engine.dicom_rules import (
     CONTENT_ITEM_TEXT,
     DATE_VRS,
     DUMMY_BY_VR,
+    FREE_TEXT_VRS,
     OUTPUT_ALLOWED,
     RULES,
     SPECIMEN_ID_CONCEPTS,
     Act,
+    canonical_code_meaning,
+    value_allowed,
 )
 from services.deid.engine.model import (
     CORRUPT_IMAGE_DATA,
@@ -42,12 +57,13 @@ from services.deid.engine.model import (
     DeidRejected,
 )
 from services.deid.engine.tiff_common import check_icc_profile, check_jpeg_tables
-from services.shared.wsi import tiff
+from services.shared.wsi import codestream, tiff
 from services.shared.wsi.sniff import (
     DicomHeader,
     DicomStructureError,
     SlideFormat,
     classify_tiff,
+    generic_pyramid,
     read_dicom_header,
 )
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
@@ -61,7 +77,11 @@ _OPENSLIDE_VENDOR = {
     SlideFormat.APERIO_SVS: "aperio",
     SlideFormat.HAMAMATSU_NDPI: "hamamatsu",
     SlideFormat.GENERIC_TIFF: "generic-tiff",
+    SlideFormat.PHILIPS_TIFF: "philips",
 }
+# TIFF formats verified without OpenSlide: it does not read OME-TIFF/QPTIFF, and for BIF it
+# needs region metadata we could not check against a real file (see ventana.py)
+_TIFF_ONLY = frozenset({SlideFormat.OME_TIFF, SlideFormat.QPTIFF, SlideFormat.VENTANA_BIF})
 _META_TAGS = frozenset(
     {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
 )
@@ -79,8 +99,8 @@ def verify(
     path = Path(path)
     if fmt is SlideFormat.DICOM_WSI:
         regions = _verify_dicom(path, policy)
-    elif fmt in _OPENSLIDE_VENDOR:
-        regions = _verify_tiff(path, fmt)
+    elif fmt in _OPENSLIDE_VENDOR or fmt in _TIFF_ONLY:
+        regions = _verify_tiff(path, fmt, policy)
     else:
         raise DeidRejected(UNSUPPORTED_FORMAT, f"cannot verify format {fmt.value}")
     search_forbidden(path, forbidden, regions, policy)
@@ -116,10 +136,21 @@ def _allowed_tags(fmt: SlideFormat) -> frozenset[int]:
         return aperio.RULES.allowed_output_tags()
     if fmt is SlideFormat.HAMAMATSU_NDPI:
         return hamamatsu.output_tags()
+    if fmt is SlideFormat.QPTIFF:
+        return qptiff.output_tags()
+    if fmt is SlideFormat.PHILIPS_TIFF:
+        return philips.output_tags()
+    if fmt is SlideFormat.VENTANA_BIF:
+        return ventana.output_tags()
+    if fmt is SlideFormat.OME_TIFF:
+        return generic_tiff.RULES.allowed_output_tags() | {tiff.SUB_IFDS}
     return generic_tiff.RULES.allowed_output_tags() - {tiff.IMAGE_DESCRIPTION}
 
 
-def _verify_tiff(path: Path, fmt: SlideFormat) -> list[tuple[int, int]]:
+_YEAR_DATETIME = re.compile(r"^\d{4}:01:01 00:00:00$")
+
+
+def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple[int, int]]:
     try:
         st = tiff.read_tiff(path)
     except TiffError as exc:
@@ -127,22 +158,46 @@ def _verify_tiff(path: Path, fmt: SlideFormat) -> list[tuple[int, int]]:
     if classify_tiff(st) is not fmt:
         raise _fail("output is no longer recognised as the input format")
     allowed = _allowed_tags(fmt)
+    if policy.date_policy == "year":
+        allowed |= {306}
+        for ifd in st.all_ifds():
+            dt = ifd.get(306)
+            if dt is not None and not _YEAR_DATETIME.match(dt.text()):
+                raise _fail(f"IFD {ifd.index}: DateTime holds more than a year")
+    keep_macro = policy.macro_policy == "blank_label"
+    macros = {i.offset for i in macro.macro_ifds(st, fmt)} if keep_macro else set()
     for ifd in st.ifds:
-        _check_ifd(ifd, fmt, allowed)
+        if ifd.offset in macros:
+            problem = macro.check_blanked(path, ifd, st.is_ndpi, policy)
+            if problem:
+                raise _fail(problem)
+        _check_ifd(ifd, fmt, allowed, macro_ok=ifd.offset in macros)
+        for n, kid in enumerate(ifd.children.get(tiff.SUB_IFDS, [])):
+            if kid.children or tiff.IMAGE_DESCRIPTION in kid.tags:
+                raise _fail(f"IFD {ifd.index} SubIFD {n} carries metadata or children")
+            _check_ifd(kid, fmt, allowed - {tiff.SUB_IFDS}, f" SubIFD {n}")
+    if fmt is SlideFormat.GENERIC_TIFF:
+        pyr = generic_pyramid(st)
+        if pyr.others:
+            raise _fail(f"IFD {pyr.others[0].index} is a tiled image outside the pyramid")
     if fmt is SlideFormat.APERIO_SVS:
-        problem = aperio.thumbnail_ok(st.ifds)
+        problem = aperio.thumbnail_ok([i for i in st.ifds if i.offset not in macros])
         if problem:
             raise _fail(problem)
     meta = _check_coverage(path, st)
     _check_stream_markers(path, st)
     _check_with_tifffile(path, st, fmt)
-    _check_with_openslide(path, fmt)
+    if fmt in _OPENSLIDE_VENDOR:
+        _check_with_openslide(path, fmt, policy)
+    _check_codestream_text(path, st)
     return meta
 
 
-def _check_ifd(ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int]) -> None:
-    where = f"IFD {ifd.index}"
-    if ifd.children:
+def _check_ifd(
+    ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int], sub: str = "", macro_ok: bool = False
+) -> None:
+    where = f"IFD {ifd.index}{sub}"
+    if ifd.children and (fmt is not SlideFormat.OME_TIFF or set(ifd.children) != {tiff.SUB_IFDS}):
         raise _fail(f"{where} has child IFDs")
     for code, tag in ifd.tags.items():
         if code not in allowed:
@@ -151,7 +206,13 @@ def _check_ifd(ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int]) -> None:
             raise _fail(f"{where}: JPEGTables holds more than tables")
         if code == 34675 and not check_icc_profile(tag.data):
             raise _fail(f"{where}: InterColorProfile is not an ICC profile")
-    if fmt is SlideFormat.APERIO_SVS:
+        if code == 34675 and not codestream.icc_profile_texts(tag.data)[0]:
+            raise _fail(f"{where}: InterColorProfile holds text outside the known profiles")
+    if fmt is SlideFormat.APERIO_SVS and macro_ok:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if desc is None or not macro.SVS_MACRO_DESCRIPTION.match(desc.text()):
+            raise _fail(f"{where}: macro description")
+    elif fmt is SlideFormat.APERIO_SVS:
         desc = ifd.get(tiff.IMAGE_DESCRIPTION)
         if desc is not None:
             problem = aperio.verify_description(desc.text())
@@ -159,7 +220,7 @@ def _check_ifd(ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int]) -> None:
                 raise _fail(f"{where}: {problem}")
     elif fmt is SlideFormat.HAMAMATSU_NDPI:
         lens = hamamatsu.source_lens(ifd)
-        if lens is None or lens <= 0:
+        if (lens is None or lens <= 0) and not (macro_ok and lens == -1):
             raise _fail(f"{where} is not a pyramid level (macro or map)")
         props = ifd.get(hamamatsu.PROPERTY_MAP)
         if props is not None:
@@ -167,6 +228,44 @@ def _check_ifd(ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int]) -> None:
                 key = line.split("=", 1)[0].strip()
                 if line.strip() and key not in hamamatsu.PROPERTY_KEEP:
                     raise _fail(f"{where}: NDPI property map holds a key outside the keep-list")
+    elif fmt is SlideFormat.OME_TIFF:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if ifd.index == 0 and not sub:
+            problem = ome_tiff.verify_ome_xml(desc.text()) if desc else "no OME-XML"
+            if problem:
+                raise _fail(f"{where}: {problem}")
+        elif desc is not None:
+            raise _fail(f"{where}: ImageDescription outside the first IFD")
+    elif fmt is SlideFormat.PHILIPS_TIFF and macro_ok:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if desc is None or desc.text() != "Macro":
+            raise _fail(f"{where}: macro description")
+    elif fmt is SlideFormat.PHILIPS_TIFF:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if not ifd.is_tiled:
+            raise _fail(f"{where} is a stripped (non-pyramid) image")
+        if ifd.index == 0:
+            problem = philips.verify_description(desc.text()) if desc else "no Philips XML"
+            if problem:
+                raise _fail(f"{where}: {problem}")
+        elif desc is not None:
+            raise _fail(f"{where}: ImageDescription outside the first IFD")
+    elif fmt is SlideFormat.VENTANA_BIF:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        if not ifd.is_tiled or desc is None or not ventana.LEVEL.match(desc.text()):
+            raise _fail(f"{where} is not a BIF pyramid level")
+        xmp = ifd.get(ventana.XMP)
+        problem = ventana.verify_xmp(xmp.text()) if xmp is not None else None
+        if problem:
+            raise _fail(f"{where}: {problem}")
+    elif fmt is SlideFormat.QPTIFF:
+        desc = ifd.get(tiff.IMAGE_DESCRIPTION)
+        problem = qptiff.verify_page_xml(desc.text()) if desc else "no QPTIFF description"
+        if problem:
+            raise _fail(f"{where}: {problem}")
+        sw = ifd.get(305)
+        if sw is not None and sw.text() != qptiff.SOFTWARE:
+            raise _fail(f"{where}: Software is not the QPTIFF marker")
     elif not ifd.is_tiled:
         raise _fail(f"{where} is a stripped (non-pyramid) image")
 
@@ -176,7 +275,7 @@ def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
     zero bytes of alignment padding; nothing may follow the last referenced byte."""
     meta = _merge(st.metadata_regions())
     data: list[tuple[int, int]] = []
-    for ifd in st.ifds:
+    for ifd in st.all_ifds():
         try:
             segs = tiff.check_segments(ifd, st.file_size)
         except TiffError as exc:
@@ -211,7 +310,7 @@ def _check_stream_markers(path: Path, st: TiffStructure) -> None:
     of all tiles (sample tiles are fully decoded separately). Reads the file sequentially in
     windows and checks the markers of all tiles of a window at once."""
     with open(path, "rb") as fh:
-        for ifd in st.ifds:
+        for ifd in st.all_ifds():
             markers = _MARKERS.get(ifd.compression)
             if markers is None:
                 continue
@@ -302,28 +401,40 @@ def _check_with_tifffile(path: Path, st: TiffStructure, fmt: SlideFormat) -> Non
         for page, ifd in zip(pages, st.ifds, strict=True):
             if not isinstance(page, tifffile.TiffPage):
                 raise _fail(f"IFD {ifd.index}: tifffile returned a frame, not a page")
-            codes = {t.code for t in page.tags}
-            if codes != set(ifd.tags):
-                raise _fail(f"IFD {ifd.index}: tifffile and the parser disagree on the tags")
-            fh = tf.filehandle
-            for i in _sample_indices(page.databytecounts):
-                fh.seek(page.dataoffsets[i])
-                data = fh.read(page.databytecounts[i])
+            _tifffile_page(tf, page, ifd, f"IFD {ifd.index}")
+            kids = ifd.children.get(tiff.SUB_IFDS, [])
+            if len(page.subifds or ()) != len(kids):
+                raise _fail(f"IFD {ifd.index}: tifffile and the parser disagree on SubIFDs")
+            for n, (off, kid) in enumerate(zip(page.subifds or (), kids, strict=True)):
                 try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        segment, _idx, _shape = page.decode(
-                            data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader
-                        )
+                    tf.filehandle.seek(off)
+                    sub = tifffile.TiffPage(tf, index=(page.index, n))
                 except Exception as exc:
-                    raise DeidRejected(
-                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {i} does not decode"
-                    ) from exc
-                if segment is None or not np.asarray(segment).size:
-                    raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {i} is empty")
+                    raise _fail(f"IFD {ifd.index}: tifffile cannot read SubIFD {n}") from exc
+                _tifffile_page(tf, sub, kid, f"IFD {ifd.index} SubIFD {n}")
 
 
-def _check_with_openslide(path: Path, fmt: SlideFormat) -> None:
+def _tifffile_page(tf: Any, page: Any, ifd: TiffIfd, where: str) -> None:
+    codes = {t.code for t in page.tags}
+    if codes != set(ifd.tags):
+        raise _fail(f"{where}: tifffile and the parser disagree on the tags")
+    fh = tf.filehandle
+    for i in _sample_indices(page.databytecounts):
+        fh.seek(page.dataoffsets[i])
+        data = fh.read(page.databytecounts[i])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                segment, _idx, _shape = page.decode(
+                    data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader
+                )
+        except Exception as exc:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, f"{where}: tile {i} does not decode") from exc
+        if segment is None or not np.asarray(segment).size:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, f"{where}: tile {i} is empty")
+
+
+def _check_with_openslide(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> None:
     import openslide
 
     try:
@@ -337,8 +448,14 @@ def _check_with_openslide(path: Path, fmt: SlideFormat) -> None:
         if vendor != _OPENSLIDE_VENDOR[fmt]:
             raise _fail("OpenSlide sees a different vendor format")
         assoc = set(slide.associated_images.keys())
-        if assoc - {"thumbnail"}:
+        allowed = {"thumbnail", "macro"} if policy.macro_policy == "blank_label" else {"thumbnail"}
+        if assoc - allowed:
             raise _fail("OpenSlide lists a label/macro associated image")
+        if "macro" in assoc:
+            img = np.asarray(slide.associated_images["macro"].convert("RGB"))
+            band = img[:, : macro.band_width(img.shape[1], policy)]
+            if int(band.max()) > 2:
+                raise _fail("OpenSlide shows a macro whose label band is not blank")
         w, h = slide.level_dimensions[0]
         try:
             slide.read_region((0, 0), 0, (min(w, 512), min(h, 512)))
@@ -371,6 +488,11 @@ def _verify_dicom(path: Path, policy: DeidPolicy) -> list[tuple[int, int]]:
         raise _fail("the output has bytes after Pixel Data")
     _independent_dicom_parse(path)
     _decode_frames(path, hdr)
+    if hdr.pixel.encapsulated:
+        with open(path, "rb") as fh:
+            bad = codestream.frame_text_problem(fh, hdr.pixel.fragments)
+        if bad is not None:
+            raise _fail(f"Pixel Data fragment {bad} carries a comment/APPn segment")
     return [(0, hdr.pixel.value_offset)]
 
 
@@ -390,7 +512,32 @@ def _walk_dataset(ds: Any, policy: DeidPolicy, where: str, content_item: bool = 
             raise _fail(f"attribute {name} is not on the keep-list")
         value = elem.value
         empty = value is None or value == "" or (isinstance(value, list) and not value)
-        if act is Act.EMPTY and not empty:
+        year_form = (
+            policy.date_policy == "year"
+            and elem.VR in ("DA", "DT")
+            and bool(re.match(r"^\d{4}0101(?:000000)?$", str(value)))
+            and len(str(value)) == (8 if elem.VR == "DA" else 14)
+        )
+        if act is Act.KEEP and elem.VR in FREE_TEXT_VRS:
+            values = (
+                [str(value or "")]
+                if value is None or isinstance(value, str | bytes)
+                else [str(v) for v in value]
+            )
+            if not value_allowed(elem.keyword, values):
+                raise _fail(f"attribute {name} holds a value outside its vocabulary")
+        if elem.keyword == "ICCProfile" and not (
+            isinstance(value, bytes) and codestream.icc_profile_texts(value)[0]
+        ):
+            raise _fail(f"attribute {name} holds an ICC profile with free text")
+        if act is Act.CODE_MEANING:
+            code = str(
+                ds.get("CodeValue") or ds.get("LongCodeValue") or ds.get("URNCodeValue") or ""
+            )
+            scheme = str(ds.get("CodingSchemeDesignator") or "")
+            if str(value) != canonical_code_meaning(code, scheme, str(value))[:64]:
+                raise _fail(f"attribute {name} is not the dictionary meaning of its code")
+        if act is Act.EMPTY and not empty and not year_form:
             raise _fail(f"attribute {name} should be empty")
         if act is Act.SEQ_EMPTY and value:
             raise _fail(f"sequence {name} should be empty")
@@ -400,7 +547,12 @@ def _walk_dataset(ds: Any, policy: DeidPolicy, where: str, content_item: bool = 
             and policy.dicom_specimen_preparation == "empty"
         ):
             raise _fail(f"sequence {name} should be empty")
-        if elem.VR in DATE_VRS and not empty and str(value) != DUMMY_BY_VR.get(elem.VR):
+        if (
+            elem.VR in DATE_VRS
+            and not empty
+            and str(value) != DUMMY_BY_VR.get(elem.VR)
+            and not year_form
+        ):
             raise _fail(f"date/time attribute {name} holds a value")
         if elem.VR == "SQ":
             for i, item in enumerate(value or []):
@@ -478,3 +630,76 @@ def _decode_frames(path: Path, hdr: DicomHeader) -> None:
                 raise DeidRejected(CORRUPT_IMAGE_DATA, f"frame {index} does not decode") from exc
             if arr.shape[:2] != (rows, cols):
                 raise DeidRejected(CORRUPT_IMAGE_DATA, f"frame {index} has the wrong size")
+
+
+_TEXT_MARKER = np.zeros(256, dtype=bool)
+_TEXT_MARKER[0xE0:0xF0] = True
+_TEXT_MARKER[0xFE] = True
+_CS_WINDOW = 16 << 20
+_CS_HEAD = 1 << 20
+
+
+def _check_codestream_text(path: Path, st: TiffStructure) -> None:
+    """No JPEG COM/APPn (beyond JFIF/Adobe and known encoder signatures) and no JPEG 2000
+    COM may remain in any tile: headers are parsed up to SOS/SOT, and the rest of every
+    JPEG tile is searched for COM/APPn markers (in entropy-coded data a 0xFF byte is always
+    followed by 0x00 or a restart marker, so any hit is a real marker segment)."""
+    with open(path, "rb") as fh:
+        for ifd in st.all_ifds():
+            comp = ifd.compression
+            j2k = comp in codestream.J2K_COMPRESSIONS
+            if comp not in codestream.JPEG_COMPRESSIONS and not j2k:
+                continue
+            offs, cnts = ifd.segment_arrays()
+            seen: set[tuple[int, int]] = set()
+            win_start, win = 0, b""
+            for k in np.argsort(offs, kind="stable").tolist():
+                off, cnt = int(offs[k]), int(cnts[k])
+                if not cnt or (off, cnt) in seen:
+                    continue
+                seen.add((off, cnt))
+                if cnt <= _CS_WINDOW:
+                    if not (win_start <= off and off + cnt <= win_start + len(win)):
+                        fh.seek(off)
+                        win_start, win = off, fh.read(max(_CS_WINDOW, cnt))
+                    data = win[off - win_start : off - win_start + cnt]
+                    head = data[:_CS_HEAD]
+                else:
+                    fh.seek(off)
+                    head = fh.read(_CS_HEAD)
+                    data = b""
+                try:
+                    scan = codestream.scan_header(head)
+                except codestream.CodestreamError as exc:
+                    raise DeidRejected(
+                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {k} header is malformed"
+                    ) from exc
+                if scan is None:
+                    raise DeidRejected(
+                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {k} header is incomplete"
+                    )
+                if scan.drops:
+                    raise _fail(f"IFD {ifd.index}: tile {k} carries a comment/APPn segment")
+                if j2k:
+                    continue
+                if data:
+                    _scan_entropy(data[scan.header_end :], ifd.index, k)
+                else:  # a huge strip: stream it
+                    pos, end, carry = off + scan.header_end, off + cnt, b""
+                    fh.seek(pos)
+                    while pos < end:
+                        chunk = fh.read(min(_CS_WINDOW, end - pos))
+                        if not chunk:
+                            break
+                        _scan_entropy(carry + chunk, ifd.index, k)
+                        carry = chunk[-1:]
+                        pos += len(chunk)
+                    win_start, win = 0, b""
+
+
+def _scan_entropy(data: bytes, index: int, k: int) -> None:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if len(arr) < 2:
+        return
+    if bool(((arr[:-1] == 0xFF) & _TEXT_MARKER[arr[1:]]).any()):
+        raise _fail(f"IFD {index}: tile {k} carries a comment/APPn segment after its header")

@@ -62,6 +62,10 @@ SUPPORTED_FORMATS = frozenset(
         SlideFormat.HAMAMATSU_NDPI,
         SlideFormat.GENERIC_TIFF,
         SlideFormat.DICOM_WSI,
+        SlideFormat.OME_TIFF,
+        SlideFormat.QPTIFF,
+        SlideFormat.PHILIPS_TIFF,
+        SlideFormat.VENTANA_BIF,
     }
 )
 TIFF_FORMATS = frozenset(
@@ -343,6 +347,10 @@ def svs_associated_kind(ifd: TiffIfd) -> str | None:
     return None
 
 
+_QPTIFF_TYPE = re.compile(r"<ImageType>\s*([A-Za-z]+)\s*</ImageType>")
+_PHILIPS_ASSOC = re.compile(r"^\s*(label|macro)\b", re.IGNORECASE)
+
+
 def pyramid_ifds(st: TiffStructure, fmt: SlideFormat) -> list[TiffIfd]:
     """IFDs that are pyramid levels, as OpenSlide would see them."""
     if fmt is SlideFormat.APERIO_SVS:
@@ -355,14 +363,80 @@ def pyramid_ifds(st: TiffStructure, fmt: SlideFormat) -> list[TiffIfd]:
             if lens is not None and lens > 0 and not z:
                 out.append(ifd)
         return out
-    levels = []
-    for ifd in st.ifds:
-        if not ifd.is_tiled:
+    if fmt is SlideFormat.OME_TIFF:
+        # planes of the first image in the main chain; reduced resolutions are its SubIFDs
+        base = st.ifds[0]
+        kids = base.children.get(tiff.SUB_IFDS, [])
+        return [base, *(k for k in kids if not k.new_subfile_type & 0x4)]
+    if fmt is SlideFormat.VENTANA_BIF:
+        return [i for i in st.ifds if i.is_tiled and (i.description or "").startswith("level=")]
+    if fmt is SlideFormat.PHILIPS_TIFF:
+        return [i for i in st.ifds if i.is_tiled and not _PHILIPS_ASSOC.match(i.description or "")]
+    if fmt is SlideFormat.QPTIFF:
+        seen: set[tuple[int, int]] = set()
+        pages = []
+        for ifd in st.ifds:
+            m = _QPTIFF_TYPE.search(ifd.description or "")
+            level = m is not None and m.group(1) in ("FullResolution", "ReducedResolution")
+            if level and (ifd.width, ifd.height) not in seen:
+                seen.add((ifd.width, ifd.height))
+                pages.append(ifd)
+        return pages
+    return generic_pyramid(st).levels
+
+
+_MIN_LEVEL_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class GenericPyramid:
+    levels: list[TiffIfd]  # level 0 first, strictly decreasing
+    masks: list[TiffIfd]  # transparency masks (NewSubfileType bit 2) of a level
+    others: list[TiffIfd]  # tiled IFDs that are not levels (labels, overviews...): dropped
+
+
+def _same_picture(a: TiffIfd, b: TiffIfd) -> bool:
+    """b shows a's picture scaled by one factor in both directions (within rounding)."""
+    if min(a.width, a.height, b.width, b.height) <= 0:
+        return False
+    expected = b.width * a.height / a.width
+    return abs(expected - b.height) <= max(2.0, 0.02 * b.height)
+
+
+def generic_pyramid(st: TiffStructure) -> GenericPyramid:
+    """The pyramid of a generic tiled TIFF, told apart from tiled associated images.
+
+    Level 0 is the first tiled IFD. A later tiled IFD is the next level only when it shows
+    the same picture as level 0 and the previous level (consistent aspect, one scale factor
+    for width and height), is at least 1.5x smaller than the previous level in both
+    directions, and - when the file marks any reduced-resolution image (NewSubfileType bit 0)
+    - is itself marked reduced and nothing else. Any other tiled IFD (a tiled label or macro
+    that happens to share the aspect ratio) is not a level. Transparency masks directly after
+    their level (same size, bit 2) are kept with it."""
+    tiled = [i for i in st.ifds if i.is_tiled]
+    if not tiled:
+        return GenericPyramid([], [], [])
+    base = tiled[0]
+    marked = any(i.new_subfile_type & 0x1 for i in tiled[1:] if not i.new_subfile_type & 0x4)
+    levels, masks, others = [base], [], []
+    for ifd in tiled[1:]:
+        prev = levels[-1]
+        nst = ifd.new_subfile_type
+        if nst & 0x4:
+            if (ifd.width, ifd.height) == (prev.width, prev.height) and not nst & ~0x5:
+                masks.append(ifd)
+            else:
+                others.append(ifd)
             continue
-        if ifd.new_subfile_type & 0x4:  # transparency mask
-            continue
-        levels.append(ifd)
-    return levels
+        is_level = (
+            _same_picture(base, ifd)
+            and _same_picture(prev, ifd)
+            and prev.width >= _MIN_LEVEL_RATIO * ifd.width
+            and prev.height >= _MIN_LEVEL_RATIO * ifd.height
+            and (nst == 0x1 if marked else nst == 0)
+        )
+        (levels if is_level else others).append(ifd)
+    return GenericPyramid(levels, masks, others)
 
 
 def _check_dims(w: int, h: int, limits: SlideLimits, what: str) -> None:
@@ -376,7 +450,7 @@ def _inspect_tiff(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInf
     st = load_tiff(path, limits)
     levels = pyramid_ifds(st, fmt)
     if not levels:
-        raise InvalidSlide(NO_PYRAMID_LEVEL, "no tiled pyramid level found")
+        raise InvalidSlide(NO_PYRAMID_LEVEL, "no pyramid level found")
     if len(levels) > limits.max_levels:
         raise InvalidSlide(ABSURD_DIMENSIONS, f"more than {limits.max_levels} levels")
     infos: list[LevelInfo] = []
