@@ -1,9 +1,7 @@
-"""Reproductions of identifying values that survive de-identification (found with planted
-fixtures). Each test builds one slide with one planted value in one place and expects either
-a clean rejection (fail closed) or an output without the value.
-
-These tests FAIL until the engine is fixed; they are kept out of test_deid_planted.py so that
-file stays a green regression suite. Nothing here is marked xfail on purpose.
+"""Regression tests for identifying values that once survived de-identification (found with
+the planted-value fixtures): JPEG comment segments inside tiles, a tiled label that looked like
+a pyramid level, DICOM free text in kept attributes. Each builds one slide with one planted
+value in one place and accepts either a clean rejection (fail closed) or an output without it.
 """
 
 from __future__ import annotations
