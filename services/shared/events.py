@@ -5,6 +5,7 @@ backoff, dead-letter topic for what can never be processed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -174,6 +175,27 @@ class EventRunner:
         self._stopping.set()
 
     async def run(self) -> None:
+        """Consume until stopped. A broker outage does not end the loop: the subscription is
+        dropped and opened again with backoff; what was not committed is delivered again."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if await self._consume():
+                    return
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the bus may be down: reconnect
+                failures += 1
+                log.warning(
+                    "consumer lost its subscription; reconnecting",
+                    extra={"reason": type(exc).__name__, "attempt": failures},
+                )
+                if await self._sleep_or_stop(self._retry.delay(min(failures, 6))):
+                    return
+
+    async def _consume(self) -> bool:
+        """One subscription's life. True when the runner was asked to stop."""
         sub = self._bus.subscription(self._group, list(self._handlers))
         await sub.start()
         self.ready.set()
@@ -182,13 +204,15 @@ class EventRunner:
                 batch = await sub.fetch(timeout_s=0.5)
                 for msg in batch:
                     if self._stopping.is_set():
-                        return  # not committed: redelivered after restart
+                        return True  # not committed: redelivered after restart
                     done = await self._process(msg)
                     if not done:
-                        return
+                        return True
                     await sub.commit(msg)
+            return True
         finally:
-            await sub.stop()
+            with contextlib.suppress(Exception):
+                await sub.stop()
 
     async def _process(self, msg: Message) -> bool:
         """Handle one message. True when it may be committed."""

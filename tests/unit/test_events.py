@@ -506,3 +506,43 @@ async def test_dead_letter_hook_hears_the_final_outcome(h: Harness) -> None:
         ("flaky", "RETRIES_EXHAUSTED", "RuntimeError"),
     ]
     assert len(h.dlq()) == 3
+
+
+async def test_consumer_survives_a_broker_outage(h: Harness) -> None:
+    """A fetch that fails (broker restarting) drops the subscription and opens a new one;
+    the message is then handled once and committed."""
+    from services.shared.ports.bus import Subscription
+
+    class Outage(Subscription):
+        failures = 2
+
+        def __init__(self, inner: Subscription) -> None:
+            self.inner = inner
+
+        async def start(self) -> None:
+            await self.inner.start()
+
+        async def stop(self) -> None:
+            await self.inner.stop()
+
+        async def fetch(self, timeout_s: float, max_messages: int = 100) -> list[Message]:
+            if Outage.failures:
+                Outage.failures -= 1
+                raise ConnectionError("broker unreachable")
+            return await self.inner.fetch(timeout_s, max_messages)
+
+        async def commit(self, message: Message) -> None:
+            await self.inner.commit(message)
+
+    real = h.bus.subscription
+    h.bus.subscription = lambda group, topics: Outage(real(group, topics))  # type: ignore[method-assign]
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("after-outage"))
+    runner, task = await h.start(handler)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+    assert [e.slide_id for e in h.seen] == ["after-outage"]
+    assert Outage.failures == 0
