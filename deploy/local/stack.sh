@@ -332,6 +332,14 @@ running_pid() {
   printf '%s\n' "$pid"
 }
 
+pid_alive() { # server: the recorded process exists (whatever it is exec'ing)
+  local file pid
+  file=$(pid_file "$1")
+  [[ -f $file ]] || return 1
+  pid=$(<"$file")
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
 port_in_use() { # port
   [[ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]
 }
@@ -386,7 +394,9 @@ wait_ready() { # server
       log "$name: ready"
       return 0
     fi
-    running_pid "$name" >/dev/null || fail_start "$name" "the process exited before it became ready"
+    # Liveness only: right after the fork the child may not have exec'd the server yet, so
+    # its command line (which running_pid matches) can still be this script's.
+    pid_alive "$name" || fail_start "$name" "the process exited before it became ready"
     ((SECONDS < deadline)) || fail_start "$name" "not ready after ${READY_TIMEOUT}s (TESSERA_READY_TIMEOUT); last check: $READY_ERR
 The process is left running for inspection; \`$0 down\` stops it."
     sleep 1
