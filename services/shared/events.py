@@ -91,9 +91,10 @@ def check_topic(topic: str, envelope: events_pb2.EventEnvelope) -> None:
 class EventEmitter:
     """Publishes envelopes; the broker has acknowledged when `emit` returns."""
 
-    def __init__(self, service: str, publisher: Publisher) -> None:
+    def __init__(self, service: str, publisher: Publisher, timeout_s: float = 10.0) -> None:
         self._service = service
         self._publisher = publisher
+        self._timeout = timeout_s
         self._tracer = telemetry.tracer(__name__)
 
     async def emit(self, topic: str, envelope: events_pb2.EventEnvelope) -> None:
@@ -113,8 +114,14 @@ class EventEmitter:
             ]
             key = (envelope.slide_id or envelope.dataset_id or envelope.event_id).encode()
             try:
-                await self._publisher.publish(
-                    topic, envelope.SerializeToString(), key=key, headers=headers
+                # Bounded: a producer retries forever while the broker is away, and callers
+                # (an RPC, a consumer) must not hang with it. A send that later completes
+                # anyway only repeats an event id consumers already dedupe on.
+                await asyncio.wait_for(
+                    self._publisher.publish(
+                        topic, envelope.SerializeToString(), key=key, headers=headers
+                    ),
+                    self._timeout,
                 )
             except Exception as exc:
                 raise Unavailable("event bus unavailable") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -546,3 +546,27 @@ async def test_consumer_survives_a_broker_outage(h: Harness) -> None:
     await h.stop(runner, task)
     assert [e.slide_id for e in h.seen] == ["after-outage"]
     assert Outage.failures == 0
+
+
+async def test_emit_gives_up_when_the_broker_never_answers(h: Harness) -> None:
+    """A producer retries forever while the broker is away; emit is bounded so the RPC or
+    consumer calling it gets Unavailable (and the outbox keeps the event) instead of hanging."""
+
+    class Stuck(Publisher):
+        async def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+        async def publish(
+            self,
+            topic: str,
+            value: bytes,
+            *,
+            key: bytes | None = None,
+            headers: Sequence[tuple[str, bytes]] = (),
+        ) -> None:
+            await asyncio.Event().wait()
+
+    emitter = EventEmitter("producer", Stuck(), timeout_s=0.05)
+    with pytest.raises(Unavailable):
+        await emitter.emit(TOPIC_SLIDE_RECEIVED, received("stuck"))
