@@ -396,7 +396,9 @@ class AccessControl:
             dataset_id=dataset_id if dataset_id != "*" else "",
             event_id=decision.decision_id,
         )
-        await self._outbox.publish(TOPIC_AUDIT, env)
+        # The decision never waits on the bus: the audit record above is durable, and the
+        # outbox publishes the event within seconds (also after a broker outage).
+        await self._outbox.enqueue(TOPIC_AUDIT, env)
 
     @staticmethod
     def _dataset(doc: dict[str, Any]) -> Dataset:

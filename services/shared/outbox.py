@@ -31,6 +31,21 @@ class Outbox:
         self._emitter = emitter
         self._stopping = asyncio.Event()
 
+    async def enqueue(self, topic: str, envelope: events_pb2.EventEnvelope) -> None:
+        """Record only; the background flush publishes within its interval. For events whose
+        producer must not wait on the bus (audit records of access decisions)."""
+        check_topic(topic, envelope)
+        with contextlib.suppress(DuplicateKey):
+            await self._col.insert(
+                {
+                    "_id": envelope.event_id,
+                    "topic": topic,
+                    "envelope": envelope.SerializeToString(),
+                    "sent": False,
+                    "trace_context": telemetry.inject_headers(),
+                }
+            )
+
     async def publish(self, topic: str, envelope: events_pb2.EventEnvelope) -> bool:
         """Record then publish. True when the broker acknowledged; False when it is queued."""
         # Refuse a wrong envelope before recording it: a record that can never be emitted

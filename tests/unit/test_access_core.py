@@ -302,6 +302,9 @@ async def test_each_check_is_audited_in_store_and_on_the_bus(w: World) -> None:
     assert rec["purpose"] == "study-7"
     assert rec["at"] == T0
 
+    # the decision did not wait on the bus: the event is queued and sent by the flush
+    assert len(w.events(TOPIC_AUDIT)) == before
+    await w.outbox.flush()
     events = w.events(TOPIC_AUDIT)
     assert len(events) == before + 1
     env = events[-1]
