@@ -13,6 +13,7 @@ from pathlib import Path
 
 from grpc import StatusCode, aio
 
+from services.shared.digest import file_sha256
 from services.shared.grpc.client import open_channel
 from tessera.access.v1 import access_pb2, access_pb2_grpc
 from tessera.common.v1 import common_pb2
@@ -35,14 +36,6 @@ TERMINAL = {common_pb2.SLIDE_STATUS_READY, common_pb2.SLIDE_STATUS_REJECTED}
 
 def endpoint(name: str) -> str:
     return os.environ.get(f"TESSERA_ENDPOINT_{name.upper()}", f"127.0.0.1:{DEFAULT_PORTS[name]}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(8 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -131,7 +124,7 @@ class TesseraClient:
     ) -> UploadOutcome:
         """Stream a file; on a dropped connection ask how much arrived and resume there."""
         size = (await asyncio.to_thread(path.stat)).st_size
-        digest = sha256 if sha256 else await asyncio.to_thread(sha256_file, path)
+        digest = sha256 if sha256 else (await asyncio.to_thread(file_sha256, path))[0]
         header = ingestion_pb2.UploadHeader(
             dataset_id=dataset_id,
             filename=path.name,

@@ -8,7 +8,6 @@ id, so a redelivered "received" event re-announces the same outcome instead of r
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from services.deid.engine import DeidPolicy, DeidRejected, deidentify, verify
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.counts import from_entries, to_entries
+from services.shared.digest import file_sha256
 from services.shared.errors import NotFound
 from services.shared.events import (
     TOPIC_SLIDE_DEIDENTIFIED,
@@ -128,7 +128,7 @@ class DeidStage:
             except DeidRejected as exc:
                 await self._reject(base, exc.reason, exc.detail)
                 return
-            digest, size = await asyncio.to_thread(_digest, dst)
+            digest, size = await asyncio.to_thread(file_sha256, dst)
             ext = EXTENSION_OF[received.format]
             key = f"slides/{slide_id}/slide.{ext}"
             await self._objects.put_file(self._bucket, key, dst)
@@ -272,13 +272,3 @@ class DeidStage:
             job.get("reason", ""),
             job.get("detail", ""),
         )
-
-
-def _digest(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while block := fh.read(8 * 1024 * 1024):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size

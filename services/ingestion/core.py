@@ -23,6 +23,7 @@ from typing import Any
 
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
+from services.shared.digest import file_sha256
 from services.shared.errors import (
     DataLoss,
     FailedPrecondition,
@@ -280,7 +281,7 @@ class Ingestion:
                 f"resume at offset {session.received}",
                 "TRUNCATED",
             )
-        digest = await asyncio.to_thread(_sha256_of, session.path)
+        digest, _ = await asyncio.to_thread(file_sha256, session.path)
         if digest != session.sha256:
             await self._discard(session)
             raise DataLoss("sha256 of the received bytes does not match", "CHECKSUM_MISMATCH")
@@ -414,14 +415,6 @@ def _append(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(8 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _unlink(path: Path) -> None:

@@ -11,7 +11,7 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -270,7 +270,3 @@ def _decode_token(token: str) -> int:
     if not 0 <= offset <= MAX_OFFSET:
         raise InvalidArgument("malformed page_token", "BAD_PAGE_TOKEN")
     return offset
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
