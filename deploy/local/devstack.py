@@ -55,15 +55,21 @@ class Svc:
     metrics_port: int
 
 
-SERVICES = (
-    Svc("access", 50051, 9461),
-    Svc("ingestion", 50052, 9462),
-    Svc("deid", 50053, 9463),
-    Svc("tiling", 50054, 9464),
-    Svc("metadata", 50055, 9465),
-    Svc("serving", 50056, 9466),
+# A second stack beside the first (the fault tests run one) shifts every port by an offset.
+PORT_OFFSET = int(os.environ.get("TESSERA_DEVSTACK_PORT_OFFSET", "0"))
+SERVICES = tuple(
+    Svc(name, grpc + PORT_OFFSET, metrics + PORT_OFFSET)
+    for name, grpc, metrics in (
+        ("access", 50051, 9461),
+        ("ingestion", 50052, 9462),
+        ("deid", 50053, 9463),
+        ("tiling", 50054, 9464),
+        ("metadata", 50055, 9465),
+        ("serving", 50056, 9466),
+    )
 )
-TILING_HTTP_PORT = 8180
+ACCESS_ENDPOINT = f"127.0.0.1:{50051 + PORT_OFFSET}"
+TILING_HTTP_PORT = 8180 + PORT_OFFSET
 # For debugging one service at a time: TESSERA_DEVSTACK_ONLY=access,metadata
 _ONLY = {n for n in os.environ.get("TESSERA_DEVSTACK_ONLY", "").split(",") if n}
 if _ONLY:
@@ -112,7 +118,7 @@ def service_env(svc: Svc) -> dict[str, str]:
             "TESSERA_S3__SECRET_KEY": S3_SECRET,
             "TESSERA_MONGO__URI": MONGO,
             "TESSERA_MONGO__DATABASE": DATABASE,
-            "TESSERA_ENDPOINTS__ACCESS": "127.0.0.1:50051",
+            "TESSERA_ENDPOINTS__ACCESS": ACCESS_ENDPOINT,
             "TESSERA_TELEMETRY__TRACES_EXPORTER": "file",
             "TESSERA_TELEMETRY__SPANS_FILE": str(TRACES / f"{svc.name}.jsonl"),
         }

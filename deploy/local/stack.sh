@@ -4,6 +4,7 @@
 #   deploy/local/stack.sh install   obtain/build everything into the cache (idempotent)
 #   deploy/local/stack.sh up        install if needed, start what is not running, wait until ready
 #   deploy/local/stack.sh down      stop what `up` started (pid files; SIGTERM, then SIGKILL)
+#   deploy/local/stack.sh stop S    stop one server S (kafka, s3 or ferretdb); start S starts it
 #   deploy/local/stack.sh status    show each server; exit 0 only if all are running and ready
 #   deploy/local/stack.sh env       print `export` lines with endpoints and credentials
 #                                   (use: eval "$(deploy/local/stack.sh env)")
@@ -653,6 +654,32 @@ cmd_up() {
   log "all servers are up; endpoints: eval \"\$($0 env)\""
 }
 
+known_server() { # name
+  local s
+  for s in "${SERVERS[@]}"; do [[ $s == "$1" ]] && return 0; done
+  die "unknown server '$1' (one of: ${SERVERS[*]})"
+}
+
+cmd_start_one() { # server: start one installed server (fault tests restart them one by one)
+  known_server "$1"
+  need setsid
+  validate_config
+  all_installed || die "not installed: run \`$0 up\` first"
+  mkdir -p "$STACK_DIR" "$LOG_DIR" "$RUN_DIR"
+  if running_pid "$1" >/dev/null; then
+    log "$1: already running"
+  else
+    rm -f "$(pid_file "$1")"
+    "start_$1"
+  fi
+  wait_ready "$1"
+}
+
+cmd_stop_one() { # server
+  known_server "$1"
+  stop_server "$1"
+}
+
 cmd_down() {
   local i
   for ((i = ${#SERVERS[@]} - 1; i >= 0; i--)); do
@@ -691,7 +718,7 @@ cmd_env() {
 }
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 main() {
@@ -700,6 +727,8 @@ main() {
   install) validate_config && cmd_install ;;
   up) cmd_up ;;
   down) cmd_down ;;
+  start) cmd_start_one "${2:?usage: $0 start kafka|s3|ferretdb}" ;;
+  stop) cmd_stop_one "${2:?usage: $0 stop kafka|s3|ferretdb}" ;;
   status) cmd_status ;;
   env) cmd_env ;;
   -h | --help | help) usage ;;

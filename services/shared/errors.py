@@ -72,3 +72,55 @@ def check_slide_id(slide_id: str) -> None:
         raise InvalidArgument("slide_id is required", "MISSING_FIELD")
     if len(slide_id) > 128:
         raise InvalidArgument("slide_id must be at most 128 characters", "BAD_SLIDE_ID")
+
+
+def _outage_types() -> tuple[type[BaseException], ...]:
+    """Exception types the adapters' client libraries raise when their server cannot be reached
+    (refused, reset, timed out, 5xx). Imported lazily so this module stays dependency-free."""
+    global _OUTAGE_TYPES
+    if _OUTAGE_TYPES is None:
+        found: list[type[BaseException]] = [Unavailable, ConnectionError]
+        try:
+            from pymongo.errors import ConnectionFailure
+
+            found.append(ConnectionFailure)
+        except ImportError:  # pragma: no cover - every service installs pymongo
+            pass
+        try:
+            from urllib3.exceptions import HTTPError as Urllib3Error
+
+            found.append(Urllib3Error)
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            from minio.error import ServerError
+
+            found.append(ServerError)
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+            found += [KafkaConnectionError, KafkaTimeoutError]
+        except ImportError:  # pragma: no cover
+            pass
+        _OUTAGE_TYPES = tuple(found)
+    return _OUTAGE_TYPES
+
+
+_OUTAGE_TYPES: tuple[type[BaseException], ...] | None = None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says a dependency is down rather than that the
+    input is bad: such failures are retried until the dependency returns, never dead-lettered
+    and never reported as the caller's fault."""
+    types = _outage_types()
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, types):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False

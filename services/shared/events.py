@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.shared import metrics, telemetry
-from services.shared.errors import PermanentEventError, TesseraError, Unavailable
+from services.shared.errors import PermanentEventError, TesseraError, Unavailable, is_outage
 from services.shared.ports.bus import Message, MessageBus, Publisher
 from tessera.events.v1 import events_pb2
 
@@ -34,6 +34,9 @@ TOPIC_SLIDE_TILED = "tessera.slide.tiled.v1"
 TOPIC_INFERENCE_COMPLETED = "tessera.inference.completed.v1"
 TOPIC_DATASET_CREATED = "tessera.dataset.created.v1"
 TOPIC_AUDIT = "tessera.audit.v1"
+TOPIC_SLIDE_HELD = "tessera.slide.held.v1"
+TOPIC_SLIDE_REVIEWED = "tessera.slide.reviewed.v1"
+TOPIC_QUARANTINE_ERASED = "tessera.quarantine.erased.v1"
 
 # The payload field of the envelope that each topic carries.
 TOPIC_PAYLOAD: Mapping[str, str] = {
@@ -44,6 +47,9 @@ TOPIC_PAYLOAD: Mapping[str, str] = {
     TOPIC_INFERENCE_COMPLETED: "inference_completed",
     TOPIC_DATASET_CREATED: "dataset_created",
     TOPIC_AUDIT: "access_decided",
+    TOPIC_SLIDE_HELD: "slide_held_for_review",
+    TOPIC_SLIDE_REVIEWED: "slide_reviewed",
+    TOPIC_QUARANTINE_ERASED: "quarantine_erased",
 }
 ALL_TOPICS = tuple(TOPIC_PAYLOAD)
 
@@ -136,12 +142,22 @@ DeadLetterHook = Callable[[events_pb2.EventEnvelope, str, str], Awaitable[None]]
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """`max_attempts` bounds retries of a message that fails for an unknown reason (a poison
+    message). A failure that says a dependency is down (`errors.is_outage`) is not the
+    message's fault: it is retried, at most `outage_delay_s` apart, for up to `outage_budget_s`
+    before the message is parked, so a 30 s S3 or MongoDB outage loses nothing."""
+
     max_attempts: int = 5
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
+    outage_delay_s: float = 2.0
+    outage_budget_s: float = 1800.0
 
     def delay(self, attempt: int) -> float:
         return float(min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1))))
+
+    def outage_delay(self, attempt: int) -> float:
+        return min(self.outage_delay_s, self.delay(attempt))
 
 
 class EventRunner:
@@ -231,7 +247,9 @@ class EventRunner:
         handler = self._handlers[msg.topic]
         carrier = {k: v.decode("latin-1") for k, v in msg.headers}
         ctx = telemetry.extract_context(carrier or dict(envelope.trace_context))
-        attempt = 0
+        attempt = 0  # failures of unknown cause (bounded by max_attempts)
+        outages = 0  # failures because a dependency is down (bounded by outage_budget_s)
+        outage_since: float | None = None
         while True:
             attempt += 1
             start = time.perf_counter()
@@ -248,19 +266,17 @@ class EventRunner:
                     await handler(envelope)
                 except asyncio.CancelledError:
                     raise
-                except TesseraError as exc:
-                    if isinstance(exc, Unavailable):
-                        outcome = "retry"
-                        err: Exception = exc
-                    else:
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    err: Exception = exc
+                    outcome = "retry"
+                    if is_outage(exc):
+                        outcome = "outage"
+                    elif isinstance(exc, TesseraError):
                         span.set_status(Status(StatusCode.ERROR, exc.reason))
                         metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, "rejected").inc()
                         await self._dead_letter(msg, exc.reason, exc.message)
                         await self._notify(envelope, exc.reason, exc.message)
                         return True
-                except Exception as exc:  # noqa: BLE001 - any other failure is retried
-                    outcome = "retry"
-                    err = exc
                 else:
                     metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, "ok").inc()
                     metrics.EVENT_HANDLER_LATENCY.labels(self._service, msg.topic).observe(
@@ -270,7 +286,9 @@ class EventRunner:
                 span.set_status(Status(StatusCode.ERROR, type(err).__name__))
             metrics.EVENTS_CONSUMED.labels(self._service, msg.topic, outcome).inc()
             log.warning(
-                "event handler failed, will retry",
+                "a dependency is unavailable, will retry"
+                if outcome == "outage"
+                else "event handler failed, will retry",
                 extra={
                     "event_id": envelope.event_id,
                     "topic": msg.topic,
@@ -278,6 +296,21 @@ class EventRunner:
                     "reason": type(err).__name__,
                 },
             )
+            if outcome == "outage":
+                # Not the message's fault: wait for the dependency instead of spending the
+                # message's attempts; park it only after a long outage budget.
+                attempt -= 1
+                outages += 1
+                now = time.monotonic()
+                outage_since = now if outage_since is None else outage_since
+                if now - outage_since >= self._retry.outage_budget_s:
+                    await self._dead_letter(msg, "DEPENDENCY_UNAVAILABLE", type(err).__name__)
+                    await self._notify(envelope, "DEPENDENCY_UNAVAILABLE", type(err).__name__)
+                    return True
+                if await self._sleep_or_stop(self._retry.outage_delay(outages)):
+                    return False
+                continue
+            outage_since = None
             if attempt >= self._retry.max_attempts:
                 await self._dead_letter(msg, "RETRIES_EXHAUSTED", type(err).__name__)
                 await self._notify(envelope, "RETRIES_EXHAUSTED", type(err).__name__)

@@ -286,6 +286,74 @@ async def test_unavailable_is_retried_not_dead_lettered(h: Harness) -> None:
     assert h.dlq() == []
 
 
+async def test_dependency_outage_outlasts_max_attempts_without_dead_letter(h: Harness) -> None:
+    """S3/MongoDB down for longer than the poison-message budget: the message waits for the
+    dependency (connection errors of the client libraries count as outages) and is handled
+    once, never dead-lettered."""
+    from pymongo.errors import ServerSelectionTimeoutError
+    from urllib3.exceptions import MaxRetryError
+
+    failures = [
+        ConnectionRefusedError("refused"),
+        ServerSelectionTimeoutError("no server"),
+        MaxRetryError(None, "http://127.0.0.1:1/", "refused"),  # type: ignore[arg-type]
+        Unavailable("bus down"),
+    ] * 2  # 8 outage failures, far more than FAST.max_attempts (3)
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        if failures:
+            raise failures.pop(0)
+        h.seen.append(env)
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    retry = RetryPolicy(max_attempts=3, base_delay_s=0.001, outage_delay_s=0.002)
+    runner, task = await h.start(handler, retry)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+
+    assert calls == 9
+    assert len(h.seen) == 1
+    assert h.dlq() == []
+
+
+async def test_outage_wrapped_in_another_error_is_still_an_outage(h: Harness) -> None:
+    calls = 0
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:
+            try:
+                raise ConnectionResetError("reset by peer")
+            except ConnectionResetError as exc:
+                raise RuntimeError("upload failed") from exc
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    retry = RetryPolicy(max_attempts=2, base_delay_s=0.001, outage_delay_s=0.002)
+    runner, task = await h.start(handler, retry)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+    assert calls == 6
+    assert h.dlq() == []
+
+
+async def test_endless_outage_is_parked_after_its_budget(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        raise ConnectionRefusedError("refused")
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received())
+    retry = RetryPolicy(max_attempts=2, outage_delay_s=0.01, outage_budget_s=0.1)
+    runner, task = await h.start(handler, retry)
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1)
+    await h.stop(runner, task)
+    [dead] = h.dlq()
+    assert header(dead, "dlq-reason") == "DEPENDENCY_UNAVAILABLE"
+    assert header(dead, "dlq-detail") == "ConnectionRefusedError"
+
+
 async def test_always_failing_handler_is_dead_lettered_and_partition_moves_on(
     h: Harness,
 ) -> None:

@@ -323,6 +323,27 @@ async def test_not_found_and_already_exists(stack: Stack) -> None:
     assert trailer(err2.value) == "DATASET_EXISTS"
 
 
+async def test_unreachable_dependency_is_unavailable_without_its_text(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MongoDB or S3 down is not the caller's fault: UNAVAILABLE (retry), not INTERNAL."""
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ServerSelectionTimeoutError(SECRET_TEXT)
+
+    monkeypatch.setattr(stack.access, "get_dataset", unreachable)
+    method = "/tessera.access.v1.AccessService/GetDataset"
+    before = requests_total(method, "UNAVAILABLE")
+    with pytest.raises(aio.AioRpcError) as err:
+        await call_get_dataset(stack.channel())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert SECRET_TEXT not in (err.value.details() or "")
+    assert trailer(err.value) == "DEPENDENCY_UNAVAILABLE"
+    # the client's channel retries UNAVAILABLE a bounded number of times: each try is counted
+    assert await counted(method, "UNAVAILABLE", before + 1) >= before + 1
+
+
 async def test_unexpected_exception_is_internal_without_its_text(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

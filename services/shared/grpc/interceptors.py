@@ -32,6 +32,7 @@ from services.shared.errors import (
     TesseraError,
     Unauthenticated,
     Unavailable,
+    is_outage,
 )
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,14 @@ class ServerPipeline(aio.ServerInterceptor):
             # name a tag or a key the caller sent).
             log.info("rpc refused", extra={"rpc": method, "code": code.name, "reason": exc.reason})
             await context.abort(code, exc.message, trailing_metadata=((REASON_KEY, exc.reason),))
+        if is_outage(exc):
+            # S3, MongoDB or Kafka unreachable: the caller's request was fine; it may retry.
+            log.warning("rpc failed: dependency unavailable", extra={"rpc": method})
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "a dependency of this service is unavailable; retry later",
+                trailing_metadata=((REASON_KEY, "DEPENDENCY_UNAVAILABLE"),),
+            )
         ref = uuid.uuid4().hex[:12]
         log.error(
             "unhandled error in rpc",
@@ -126,7 +135,7 @@ class ServerPipeline(aio.ServerInterceptor):
         def classify(exc: BaseException) -> str:
             if isinstance(exc, TesseraError):
                 return status_for(exc).name
-            return "INTERNAL"
+            return "UNAVAILABLE" if is_outage(exc) else "INTERNAL"
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
