@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -117,6 +118,14 @@ class ServerPipeline(aio.ServerInterceptor):
                 "a dependency of this service is unavailable; retry later",
                 trailing_metadata=((REASON_KEY, "DEPENDENCY_UNAVAILABLE"),),
             )
+        if isinstance(exc, NotImplementedError):
+            # A method declared in the proto that its servicer does not implement (the
+            # generated base class raises this), e.g. grpc's aio health servicer's List.
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "method not implemented",
+                trailing_metadata=((REASON_KEY, "UNIMPLEMENTED"),),
+            )
         ref = uuid.uuid4().hex[:12]
         log.error(
             "unhandled error in rpc",
@@ -135,6 +144,8 @@ class ServerPipeline(aio.ServerInterceptor):
         def classify(exc: BaseException) -> str:
             if isinstance(exc, TesseraError):
                 return status_for(exc).name
+            if isinstance(exc, NotImplementedError):
+                return "UNIMPLEMENTED"
             return "UNAVAILABLE" if is_outage(exc) else "INTERNAL"
 
         if handler.unary_unary or handler.stream_unary:
@@ -169,6 +180,8 @@ class ServerPipeline(aio.ServerInterceptor):
             )
 
         inner_stream = handler.unary_stream or handler.stream_stream
+        if not inspect.isasyncgenfunction(inner_stream):
+            inner_stream = _writes_as_items(inner_stream)
 
         async def stream_response(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
@@ -198,3 +211,47 @@ class ServerPipeline(aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _QueueWriter:
+    """A servicer context whose `write` hands the message to the wrapping generator."""
+
+    def __init__(self, context: aio.ServicerContext, queue: asyncio.Queue[Any]) -> None:
+        self._context = context
+        self._queue = queue
+
+    async def write(self, message: Any) -> None:
+        await self._queue.put(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _writes_as_items(
+    behavior: Callable[[Any, Any], Awaitable[None]],
+) -> Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]:
+    """Adapts a streaming handler that answers with `context.write` (grpc's own aio health
+    Watch does) to an async generator: the pipeline and the OpenTelemetry interceptor iterate
+    streaming handlers, and a coroutine there fails with TypeError (INTERNAL)."""
+
+    async def items(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        task = asyncio.ensure_future(behavior(request, _QueueWriter(context, queue)))
+        getter: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                while not queue.empty():
+                    yield queue.get_nowait()
+                task.result()  # re-raises what the handler raised
+                return
+        finally:
+            if getter is not None:
+                getter.cancel()
+            task.cancel()
+
+    return items
