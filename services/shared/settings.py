@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -51,9 +51,33 @@ class AuthSettings(BaseModel):
     service_token_file: Path | None = None
 
 
+class TlsSettings(BaseModel):
+    """Mutual TLS between services (off by default: loopback / a mesh that does it). On, the
+    server presents `cert_file`/`key_file` and accepts only clients whose certificate chains
+    to `ca_file`; this service's own outgoing channels present the same certificate and trust
+    only `ca_file`. `TESSERA_GRPC__TLS__ENABLED=true`, `TESSERA_GRPC__TLS__CERT_FILE=...`."""
+
+    enabled: bool = False
+    cert_file: Path | None = None  # PEM certificate chain of this service
+    key_file: Path | None = None  # PEM private key of this service
+    ca_file: Path | None = None  # PEM of the CA that signs every service's certificate
+    require_client_auth: bool = True
+    # Name expected in the peers' certificates when it differs from the dialled host.
+    server_name: str = ""
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled:
+            missing = [n for n in ("cert_file", "key_file", "ca_file") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"TLS is enabled but {', '.join(missing)} not set")
+        return self
+
+
 class GrpcSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
+    tls: TlsSettings = TlsSettings()
     # Seconds in-flight calls get to finish after SIGTERM (keep below the pod's
     # terminationGracePeriodSeconds).
     drain_grace_s: float = Field(default=10.0, gt=0)

@@ -14,6 +14,7 @@ from services.shared import infra
 from services.shared.access import AccessChecker, GrpcAccessChecker
 from services.shared.auth import TokenVerifier
 from services.shared.events import DeadLetterHook, EventEmitter, EventRunner, Handler
+from services.shared.grpc.client import use_tls_by_default
 from services.shared.grpc.server import Background, Register, ServiceHost
 from services.shared.outbox import Outbox
 from services.shared.ports.bus import MessageBus, Publisher
@@ -50,6 +51,7 @@ class Adapters:
         access: AccessChecker | None = None,
     ) -> Adapters:
         """Real adapters from settings, except those handed in (tests hand in fakes)."""
+        use_tls_by_default(settings.grpc.tls)  # outgoing channels to other services
         docs = docs or infra.document_store(mongo)
         bus = bus or infra.kafka_bus(kafka, f"tessera-{name}")
         if objects is None and s3 is not None:

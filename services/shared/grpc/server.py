@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -17,7 +18,7 @@ from prometheus_client import start_http_server
 from services.shared import metrics
 from services.shared.auth import TokenVerifier
 from services.shared.grpc.interceptors import ServerPipeline
-from services.shared.settings import ServiceSettings
+from services.shared.settings import ServiceSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,11 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for register in self._register:
             register(server)
-        self.bound_port = server.add_insecure_port(f"{grpc_cfg.host}:{grpc_cfg.port}")
+        address = f"{grpc_cfg.host}:{grpc_cfg.port}"
+        if grpc_cfg.tls.enabled:
+            self.bound_port = server.add_secure_port(address, server_credentials(grpc_cfg.tls))
+        else:
+            self.bound_port = server.add_insecure_port(address)
         if self.bound_port == 0:
             raise SystemExit(f"{self.name}: cannot bind {grpc_cfg.host}:{grpc_cfg.port}")
 
@@ -127,6 +132,18 @@ class ServiceHost:
                     await hook()
             stop_wait.cancel()
             log.info("stopped", extra={"service": self.name})
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """This service's certificate; with `require_client_auth`, only clients presenting a
+    certificate signed by the configured CA complete the handshake."""
+    if tls.ca_file is None or tls.cert_file is None or tls.key_file is None:
+        raise SystemExit("TLS needs TESSERA_GRPC__TLS__{CERT,KEY,CA}_FILE")
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=tls.ca_file.read_bytes(),
+        require_client_auth=tls.require_client_auth,
+    )
 
 
 async def _await(run: Callable[[], Awaitable[None]]) -> None:
