@@ -520,3 +520,89 @@ def _int(ds: Any, kw: str) -> int:
         return int(ds.get(kw) or 0)
     except (TypeError, ValueError):
         return 0
+
+
+# --- a series of instances (bundle) ----------------------------------------------------------
+MIXED_SERIES = "MIXED_SERIES"
+NO_PYRAMID_LEVEL = "NO_PYRAMID_LEVEL"
+# instances that show the glass slide (label, overview photo, localizer maps): dropped
+DROPPED_FLAVORS = frozenset({"LABEL", "OVERVIEW", "LOCALIZER", "REGIONLOCALIZER"})
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    level_dimensions: list[tuple[int, int]]
+    mpp_x: float | None
+    mpp_y: float | None
+    objective_power: float | None
+    output_size: int
+    instances_kept: int
+
+
+def _shows_label(ds: Dataset) -> bool:
+    return (
+        str(ds.get("SpecimenLabelInImage", "")).upper() == "YES"
+        or str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
+    )
+
+
+def deidentify_dicom_series(
+    src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
+) -> SeriesResult:
+    """A bundle of the instances of one slide: LABEL / OVERVIEW / localizer instances are
+    dropped, a THUMBNAIL is kept only when it is not marked as showing the label, every other
+    instance is de-identified as a single instance. UIDs are replaced by keyed UIDs, so every
+    UID (Study, Series, Frame of Reference, SOP Instance, and the references to them inside
+    sequences) maps to the same new value in every instance of the slide."""
+    from services.deid.engine.mrxs import bundle_scratch, unpack_bundle
+    from services.shared.wsi import bundle
+
+    with bundle_scratch(dst) as tmp:
+        _lay, files = unpack_bundle(src, tmp / "in", bundle.KIND_DICOM)
+        headers = []
+        for path in files.values():
+            ds = load_header(path).dataset
+            if str(ds.get("SOPClassUID", "")) != WSM_SOP_CLASS:
+                raise DeidRejected(
+                    UNSUPPORTED_FORMAT, "a series member is not a whole-slide image instance"
+                )
+            headers.append((path, ds))
+        keys = {
+            (
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("SeriesInstanceUID", "")),
+                str(ds.get("PatientID", "") or "").strip(),
+            )
+            for _p, ds in headers
+        }
+        if len(keys) != 1 or not all(next(iter(keys))[:2]):
+            raise DeidRejected(
+                MIXED_SERIES, "the bundle mixes instances of several series or patients"
+            )
+        kept: list[tuple[int, Path, Dataset]] = []
+        for path, ds in headers:
+            flavor = image_flavor(ds)
+            if flavor in DROPPED_FLAVORS or (flavor == "THUMBNAIL" and _shows_label(ds)):
+                tally.remove(f"dicom_instance.{flavor}", str(ds.get("SOPInstanceUID", "")))
+                continue
+            size = _int(ds, "TotalPixelMatrixColumns") * _int(ds, "TotalPixelMatrixRows")
+            kept.append((0 if flavor == "VOLUME" else 1, path, ds))
+            kept[-1] = (kept[-1][0] * (1 << 62) - size, path, ds)
+        if not any(image_flavor(ds) == "VOLUME" for _k, _p, ds in kept):
+            raise DeidRejected(NO_PYRAMID_LEVEL, "the series has no VOLUME instance")
+        kept.sort(key=lambda k: k[0])
+        out_dir = tmp / "out"
+        out_dir.mkdir()
+        members: list[tuple[str, Path]] = []
+        levels: list[tuple[int, int]] = []
+        first: DicomResult | None = None
+        for n, (_k, path, ds) in enumerate(kept):
+            out = out_dir / f"instance-{n:04d}.dcm"
+            res = deidentify_dicom(path, out, pseudonymizer, policy, tally)
+            members.append((out.name, out))
+            if image_flavor(ds) == "VOLUME":
+                levels.append((res.width, res.height))
+                first = first or res
+        assert first is not None
+        size = bundle.pack(dst, members)
+    return SeriesResult(levels, first.mpp_x, first.mpp_y, first.objective_power, size, len(members))

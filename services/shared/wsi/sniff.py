@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from services.shared.wsi import tiff
+from services.shared.wsi import bundle, tiff
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffLimits, TiffStructure
 
 WSM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -66,6 +66,7 @@ SUPPORTED_FORMATS = frozenset(
         SlideFormat.QPTIFF,
         SlideFormat.PHILIPS_TIFF,
         SlideFormat.VENTANA_BIF,
+        SlideFormat.MIRAX,  # as a bundle (services/shared/wsi/bundle.py)
     }
 )
 TIFF_FORMATS = frozenset(
@@ -198,6 +199,8 @@ def sniff_file(path: str | os.PathLike[str]) -> SlideFormat:
     p = Path(path)
     with open(p, "rb") as fh:
         head = fh.read(1 << 16)
+        if head[:4] in (bundle.ZIP_MAGIC, bundle.EMPTY_ZIP_MAGIC):
+            return _sniff_bundle(p)
         if len(head) >= 132 and head[128:132] == b"DICM":
             fh.seek(0)
             return _sniff_dicom_file(fh)
@@ -301,9 +304,98 @@ def inspect_slide(
         )
     if not detected.supported:
         raise InvalidSlide(UNSUPPORTED_FORMAT, f"format {detected.value} is not supported")
+    if bundle.is_zip(p):
+        return inspect_bundle(p, detected, limits)
     if detected is SlideFormat.DICOM_WSI:
         return _inspect_dicom(p, limits)
     return _inspect_tiff(p, detected, limits)
+
+
+# --- bundles (multi-file slides in one ZIP) ----------------------------------------------------
+def _sniff_bundle(path: Path) -> SlideFormat:
+    try:
+        kind = bundle.layout(path).kind
+    except bundle.BundleError:
+        return SlideFormat.UNKNOWN
+    return SlideFormat.MIRAX if kind == bundle.KIND_MRXS else SlideFormat.DICOM_WSI
+
+
+def _bundle_invalid(exc: bundle.BundleError) -> InvalidSlide:
+    return InvalidSlide(exc.reason, exc.message)
+
+
+def inspect_bundle(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInfo:
+    """Validate a bundle (safe ZIP, one MRXS slide or one DICOM series) without keeping it
+    unpacked: MRXS geometry comes from Slidedat.ini; DICOM instances are inspected one by
+    one from a scratch copy next to the bundle."""
+    try:
+        lay = bundle.layout(path)
+        size = path.stat().st_size
+        if lay.kind == bundle.KIND_MRXS:
+            ini_member = next(m for m in lay.members if m.name == f"{lay.data_dir}/Slidedat.ini")
+            ini = bundle.parse_ini(bundle.read_member(path, ini_member, bundle.SLIDEDAT_MAX_BYTES))
+            geo = bundle.mrxs_geometry(ini)
+            w, h = geo.level_dimensions[0]
+            _check_dims(w, h, limits, "level 0")
+            if w * h > limits.max_total_pixels:
+                raise InvalidSlide(
+                    ABSURD_DIMENSIONS, f"level 0 exceeds {limits.max_total_pixels} px"
+                )
+            levels = tuple(
+                LevelInfo(a, b, geo.tile_width, geo.tile_height) for a, b in geo.level_dimensions
+            )
+            return SlideInfo(
+                SlideFormat.MIRAX, w, h, levels, geo.tile_width, geo.tile_height, "jpeg",
+                geo.mpp_x, geo.mpp_y, geo.objective_power, size,
+            )  # fmt: skip
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=".inspect-", dir=path.parent) as tmp:
+            files = bundle.extract(path, Path(tmp), lay.members)
+            return _inspect_dicom_series(list(files.values()), limits, size)
+    except bundle.BundleError as exc:
+        raise _bundle_invalid(exc) from exc
+
+
+MIXED_SERIES = "MIXED_SERIES"
+_ASSOCIATED_FLAVORS = frozenset({"LABEL", "OVERVIEW", "LOCALIZER", "REGIONLOCALIZER"})
+
+
+def dicom_flavor(ds: Any) -> str:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return image_type[2] if len(image_type) > 2 else ""
+
+
+def _inspect_dicom_series(files: list[Path], limits: SlideLimits, size: int) -> SlideInfo:
+    series: set[tuple[str, str]] = set()
+    volumes: list[SlideInfo] = []
+    for f in files:
+        try:
+            hdr = read_dicom_header(f)
+        except DicomStructureError as exc:
+            reason = TRUNCATED_FILE if exc.reason == "TRUNCATED" else MALFORMED_FILE
+            raise InvalidSlide(reason, f"DICOM series member: {exc.reason}") from exc
+        ds = hdr.dataset
+        if str(ds.get("SOPClassUID", "")) != WSM_SOP_CLASS:
+            raise InvalidSlide(UNSUPPORTED_FORMAT, "a series member is not a whole-slide image")
+        series.add((str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))))
+        flavor = dicom_flavor(ds)
+        if flavor in _ASSOCIATED_FLAVORS:
+            continue  # dropped by de-identification
+        info = _inspect_dicom(f, limits)
+        if flavor == "VOLUME":
+            volumes.append(info)
+    if len(series) != 1 or not all(all(k) for k in series):
+        raise InvalidSlide(MIXED_SERIES, "the bundle mixes instances of several series")
+    if not volumes:
+        raise InvalidSlide(NO_PYRAMID_LEVEL, "the series has no VOLUME instance")
+    volumes.sort(key=lambda i: i.width * i.height, reverse=True)
+    base = volumes[0]
+    levels = tuple(v.levels[0] for v in volumes)
+    return SlideInfo(
+        SlideFormat.DICOM_WSI, base.width, base.height, levels, base.tile_width,
+        base.tile_height, base.compression, base.mpp_x, base.mpp_y, base.objective_power, size,
+    )  # fmt: skip
 
 
 def load_tiff(path: Path, limits: SlideLimits) -> TiffStructure:
