@@ -18,7 +18,7 @@ from services.shared.wsi import tiff
 from services.shared.wsi.safexml import XmlRejected, parse_xml
 from services.shared.wsi.sniff import InvalidSlide, SlideFormat, inspect_slide, sniff_file
 from services.shared.wsi.tiff import TiffError, read_tiff
-from tests.unit import wsi_fixtures as F
+from tests.fixtures import wsigen as F
 
 SLIDES = Path(__file__).resolve().parents[2].parent / "shared" / "slides"
 P = Pseudonymizer(b"k" * 32, "siteA")
