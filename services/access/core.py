@@ -33,6 +33,7 @@ ROLE_ACTIONS: dict[int, frozenset[int]] = {
             Action.ACTION_UPLOAD,
             Action.ACTION_INFER,
             Action.ACTION_MANAGE,
+            Action.ACTION_REVIEW,
         }
     ),
     Role.ROLE_RESEARCHER: frozenset({Action.ACTION_READ_RECORD, Action.ACTION_READ_PIXELS}),

@@ -30,6 +30,7 @@ from services.shared.events import (
     TOPIC_DATASET_CREATED,
     TOPIC_INFERENCE_COMPLETED,
     TOPIC_SLIDE_DEIDENTIFIED,
+    TOPIC_SLIDE_HELD,
     TOPIC_SLIDE_RECEIVED,
     TOPIC_SLIDE_REJECTED,
     TOPIC_SLIDE_TILED,
@@ -38,7 +39,16 @@ from services.shared.ports.documents import Collection
 from services.shared.pseudonym import Pseudonymizer
 from tessera.events.v1 import events_pb2
 
-RANK = {"RECEIVED": 1, "DEIDENTIFIED": 2, "TILED": 3, "READY": 4, "REJECTED": 100}
+# NEEDS_REVIEW lies between RECEIVED and DEIDENTIFIED (a held slide that is approved moves
+# on; one that is rejected ends REJECTED); a status applies over any lower rank.
+RANK = {
+    "RECEIVED": 1,
+    "NEEDS_REVIEW": 1.5,
+    "DEIDENTIFIED": 2,
+    "TILED": 3,
+    "READY": 4,
+    "REJECTED": 100,
+}
 MAX_PAGE = 200
 MAX_OFFSET = 10_000_000
 DEFAULT_PAGE = 50
@@ -103,6 +113,7 @@ class Catalogue:
             TOPIC_SLIDE_RECEIVED: self.on_event,
             TOPIC_SLIDE_DEIDENTIFIED: self.on_event,
             TOPIC_SLIDE_REJECTED: self.on_event,
+            TOPIC_SLIDE_HELD: self.on_event,
             TOPIC_SLIDE_TILED: self.on_event,
             TOPIC_INFERENCE_COMPLETED: self.on_event,
             TOPIC_DATASET_CREATED: self.on_dataset,
@@ -153,6 +164,11 @@ class Catalogue:
             r = env.slide_rejected
             status, stage, reason = "REJECTED", r.stage, r.reason
             fields = {"rejection_reason": r.reason, "rejection_detail": r.detail}
+        elif kind == "slide_held_for_review":
+            h = env.slide_held_for_review
+            status, stage, reason = "NEEDS_REVIEW", h.stage, h.reason
+            # rule keys only ("tiff:40001"), never values
+            fields = {"review_reason": h.reason, "review_detail": h.detail}
         elif kind == "slide_tiled":
             t = env.slide_tiled
             status, stage = "TILED", "tiling"
@@ -189,7 +205,7 @@ class Catalogue:
         # event too, which repairs a crash between the update above and these. Timestamps
         # are the earliest and latest event times, whatever order the events came in.
         await self._slides.update(
-            {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 1}},
+            {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 0.5}},
             set_fields={"status": status, "status_rank": RANK[status]},
         )
         await self._slides.update(

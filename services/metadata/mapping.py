@@ -18,6 +18,7 @@ STATUS = {
     "TILED": common_pb2.SLIDE_STATUS_TILED,
     "READY": common_pb2.SLIDE_STATUS_READY,
     "REJECTED": common_pb2.SLIDE_STATUS_REJECTED,
+    "NEEDS_REVIEW": common_pb2.SLIDE_STATUS_NEEDS_REVIEW,
 }
 STATUS_NAME = {v: k for k, v in STATUS.items()}
 

@@ -173,8 +173,10 @@ def clean_description(text: str, tally: Tally) -> str:
             tally.remove(f"svs_field.{key}", value)
         elif key in SVS_REMOVE_OTHER:
             tally.remove(f"svs_field.{key}")
+        elif tally.unknown("svs", key, UNKNOWN_SVS_FIELD, "ImageDescription field"):
+            kept.append((key, value))  # a data steward's rule keeps it
         else:
-            raise DeidRejected(UNKNOWN_SVS_FIELD, f"ImageDescription field {_safe_key(key)!r}")
+            tally.remove(f"svs_field.{key}", value)  # steward's rule, or held for review
     return AperioDescription(desc.header, desc.newline, desc.summary, tuple(kept)).render()
 
 
@@ -184,8 +186,9 @@ def _safe_key(key: str) -> str:
     return cleaned[:64]
 
 
-def verify_description(text: str) -> str | None:
-    """For the verifier: None when the description only holds safe content, else a reason."""
+def verify_description(text: str, kept: frozenset[str] = frozenset()) -> str | None:
+    """For the verifier: None when the description only holds safe content, else a reason.
+    ``kept``: fields a data steward's rule keeps (any value)."""
     try:
         desc = parse_description(text)
     except DeidRejected:
@@ -194,6 +197,8 @@ def verify_description(text: str) -> str | None:
         return "ImageDescription header or summary"
     for key, value in desc.fields:
         if key == ICC_PROFILE_FIELD and value in ICC_PROFILE_NAMES:
+            continue
+        if key in kept and key not in SVS_KEEP:
             continue
         if key not in SVS_KEEP or not SVS_KEEP[key].match(value):
             return f"ImageDescription field {_safe_key(key)!r}"

@@ -61,8 +61,11 @@ def deidentify(
     """Write a de-identified copy of ``src`` to ``dst`` (atomically) and report what changed.
 
     Raises :class:`DeidRejected` (nothing is left at ``dst``) when the slide cannot be made
-    safe. Call :func:`verify` on ``dst`` with ``report.identifying_values`` afterwards (or use
-    :func:`deidentify_and_verify`).
+    safe, and its subclass :class:`DeidNeedsReview` (nothing written either) when the file is
+    well-formed but holds metadata no rule knows and ``policy.approved_rules`` has no rule
+    for it: unknown TIFF tags (``tiff:<code>``), Aperio ImageDescription fields
+    (``svs:<key>``) and NDPI property keys (``ndpi:<key>``). Call :func:`verify` on ``dst``
+    with ``report.identifying_values`` afterwards (or use :func:`deidentify_and_verify`).
     """
     policy = policy or DeidPolicy()
     src, dst = Path(src), Path(dst)
@@ -73,7 +76,9 @@ def deidentify(
     except InvalidSlide as exc:
         reason = FORMAT_MISMATCH if exc.reason == "FORMAT_MISMATCH" else exc.reason
         raise DeidRejected(reason, exc.message) from exc
-    tally = Tally(policy.min_forbidden_length)
+    tally = Tally(policy.min_forbidden_length, policy.rules)
+    if fmt is SlideFormat.MIRAX or bundle.is_zip(src):
+        return _deidentify_bundle(src, dst, fmt, pseudonymizer, policy, tally)
     if fmt is SlideFormat.DICOM_WSI:
         res = dicom_deid.deidentify_dicom(src, dst, pseudonymizer, policy, tally)
         return DeidReport(
@@ -235,6 +240,9 @@ def shift_mcu_starts(
     if len(segments) != 1 or set(edits) != {0}:
         raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: NDPI level with several strips")
     head, skip = edits[0]
+    # Every IFD was examined: items no rule knows hold the slide for review (all listed at
+    # once) and nothing is written.
+    tally.raise_for_review()
     delta = skip - len(head)
     starts_tag = ifd.tags[tiff.NDPI_MCU_STARTS]
     high_tag = ifd.tags.get(65432)

@@ -109,8 +109,10 @@ def filter_property_map(text: str, tally: Tally, policy: DeidPolicy) -> str | No
             tally.remove("ndpi_property.calibration")
         elif policy.ndpi_unknown_property == "drop":
             tally.remove("ndpi_property.unknown")
+        elif tally.unknown("ndpi", key, UNKNOWN_NDPI_PROPERTY, "NDPI property map (65449)"):
+            kept.append(f"{key}={value.strip()}")  # a data steward's rule keeps it
         else:
-            raise DeidRejected(UNKNOWN_NDPI_PROPERTY, f"NDPI property {_printable(key)!r}")
+            tally.remove("ndpi_property.unknown", value)  # steward's rule, or held for review
     if not kept:
         return None
     return "\r\n".join(kept) + "\r\n"

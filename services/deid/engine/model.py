@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,35 @@ class DeidRejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """Something no rule knows, found in a file that is otherwise well-formed.
+
+    ``key`` is the identifier a steward's rule names ("tiff:40001", "svs:Scanner Mode",
+    "ndpi:Foo.Bar"); ``where`` says where it was first seen. Neither holds a value.
+    """
+
+    key: str
+    reason: str
+    where: str
+
+
+class DeidNeedsReview(DeidRejected):
+    """The slide is well-formed but holds metadata no rule knows: it stays in quarantine
+    until a data steward approves it with a rule for every key (or rejects it).
+
+    A subclass of :class:`DeidRejected` so that callers that only know "not safe" keep
+    failing closed; ``reason`` is the code of the first item, ``items`` lists them all.
+    """
+
+    def __init__(self, items: Sequence[ReviewItem]) -> None:
+        first = items[0]
+        keys = ", ".join(i.key for i in items[:20])
+        more = f" and {len(items) - 20} more" if len(items) > 20 else ""
+        super().__init__(first.reason, f"needs review: {first.where}; keys: {keys}{more}")
+        self.items = list(items)
 
 
 # Stable reason codes (others are passed through from inspection, e.g. TRUNCATED_FILE).
@@ -47,6 +77,15 @@ UNSUPPORTED_IMAGE_TYPE = "UNSUPPORTED_IMAGE_TYPE"
 PSEUDONYM_TOO_LONG = "PSEUDONYM_TOO_LONG"
 VERIFICATION_FAILED = "VERIFICATION_FAILED"
 FORMAT_MISMATCH = "FORMAT_MISMATCH"
+
+# Steward rules for items no built-in rule knows.
+RULE_REMOVE = "remove"
+RULE_KEEP = "keep"
+# A rule key: "<kind>:<name>", the name a short printable vendor identifier. Items whose name
+# does not fit are not "unknown but plausible": they are treated as hostile (rejected).
+RULE_KEY = re.compile(r"^(tiff|svs|ndpi):[A-Za-z0-9][A-Za-z0-9 ._\-()\[\]/#+]{0,63}$")
+# More distinct unknown items than this in one slide is not a scanner's output.
+MAX_REVIEW_ITEMS = 64
 
 
 @dataclass(frozen=True)
@@ -84,6 +123,10 @@ class DeidPolicy:
     fsync: bool = False
     # Identifying values shorter than this are not used for the byte-level search.
     min_forbidden_length: int = 4
+    # A data steward's rules for items no built-in rule knows: (key, "remove" | "keep")
+    # pairs, key as in :class:`ReviewItem`. Without a rule such an item holds the slide for
+    # review (:class:`DeidNeedsReview`). Built-in rules always win over these.
+    approved_rules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.date_policy not in ("remove", "year"):
@@ -98,6 +141,22 @@ class DeidPolicy:
             raise ValueError("dicom_specimen_preparation must be 'empty' or 'filter'")
         if self.buffer_size < (64 << 10):
             raise ValueError("buffer_size must be at least 64 KiB")
+        for key, action in self.approved_rules:
+            if not RULE_KEY.fullmatch(key) or action not in (RULE_REMOVE, RULE_KEEP):
+                raise ValueError("approved_rules: (key, 'remove' | 'keep') with a valid key")
+
+    @property
+    def rules(self) -> Mapping[str, str]:
+        return dict(self.approved_rules)
+
+    def kept(self, kind: str) -> frozenset[str]:
+        """Names of the items of ``kind`` ("tiff", "svs", "ndpi") a steward rule keeps."""
+        prefix = f"{kind}:"
+        return frozenset(
+            k[len(prefix) :]
+            for k, a in self.approved_rules
+            if a == RULE_KEEP and k.startswith(prefix)
+        )
 
 
 @dataclass
@@ -141,11 +200,40 @@ class DeidReport:
 class Tally:
     """Collects category counts and identifying values while a slide is processed."""
 
-    def __init__(self, min_length: int) -> None:
+    def __init__(self, min_length: int, rules: Mapping[str, str] | None = None) -> None:
         self.removed: Counter[str] = Counter()
         self.pseudonymized: Counter[str] = Counter()
         self._values: dict[bytes, None] = {}
         self._min = min_length
+        self._rules = dict(rules or {})
+        self._review: dict[str, ReviewItem] = {}
+
+    def unknown(self, kind: str, name: str, reason: str, where: str) -> bool:
+        """An item no built-in rule knows. Returns True when a steward rule keeps it. With a
+        "remove" rule, or no rule, the caller drops it (and counts what it dropped); without
+        a rule the item is also recorded for review, so the rest of the file is still
+        examined and every such item is listed at once (:meth:`raise_for_review`).
+
+        A name that is not a plausible vendor identifier is hostile input: rejected."""
+        key = f"{kind}:{name.strip()}"
+        if not RULE_KEY.fullmatch(key):
+            raise DeidRejected(reason, f"{where}: an unknown name that is not an identifier")
+        action = self._rules.get(key)
+        if action is not None:
+            return action == RULE_KEEP
+        if key not in self._review:
+            if len(self._review) >= MAX_REVIEW_ITEMS:
+                raise DeidRejected(reason, f"more than {MAX_REVIEW_ITEMS} unknown items")
+            self._review[key] = ReviewItem(key, reason, where)
+        return False
+
+    @property
+    def review_items(self) -> list[ReviewItem]:
+        return list(self._review.values())
+
+    def raise_for_review(self) -> None:
+        if self._review:
+            raise DeidNeedsReview(self.review_items)
 
     def remove(self, category: str, *identifying: object) -> None:
         self.removed[category] += 1

@@ -3,7 +3,8 @@
 Every tag of every kept IFD goes through exactly one rule: kept (after type/count checks),
 removed (counted, and its value remembered as identifying where it is), handled by a
 format-specific rule, or - for anything no rule knows - the slide is rejected with
-``UNKNOWN_TIFF_TAG`` (fail closed).
+``UNKNOWN_TIFF_TAG`` (fail closed) and held for review unless a data steward's rule
+(``DeidPolicy.approved_rules``, key ``tiff:<code>``) keeps or removes the tag.
 """
 
 from __future__ import annotations
@@ -208,7 +209,11 @@ def clean_ifd_tags(ifd: TiffIfd, where: str, tally: Tally, rules: FormatTagRules
             continue
         if code == tiff.SUB_IFDS:
             raise DeidRejected(UNSUPPORTED_STRUCTURE, f"SubIFDs (tag 330) in {where}")
-        raise DeidRejected(UNKNOWN_TIFF_TAG, f"{tag_name(code)} (tag {code}) in {where}")
+        # No rule knows it: a steward's rule decides, else the slide is held for review.
+        if tally.unknown("tiff", str(code), UNKNOWN_TIFF_TAG, f"{tag_name(code)} in {where}"):
+            out.append(OutTag.copy(tag))
+        else:
+            tally.remove(f"tiff_tag.{tag_name(code)}", _tag_text(tag))
     return out
 
 

@@ -157,7 +157,8 @@ def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple
         raise _fail(f"output TIFF structure: {exc.reason}") from exc
     if classify_tiff(st) is not fmt:
         raise _fail("output is no longer recognised as the input format")
-    allowed = _allowed_tags(fmt)
+    # tags a data steward's rule keeps (DeidPolicy.approved_rules) are allowed too
+    allowed = _allowed_tags(fmt) | {int(c) for c in policy.kept("tiff")}
     if policy.date_policy == "year":
         allowed |= {306}
         for ifd in st.all_ifds():
@@ -171,11 +172,11 @@ def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple
             problem = macro.check_blanked(path, ifd, st.is_ndpi, policy)
             if problem:
                 raise _fail(problem)
-        _check_ifd(ifd, fmt, allowed, macro_ok=ifd.offset in macros)
+        _check_ifd(ifd, fmt, allowed, macro_ok=ifd.offset in macros, policy=policy)
         for n, kid in enumerate(ifd.children.get(tiff.SUB_IFDS, [])):
             if kid.children or tiff.IMAGE_DESCRIPTION in kid.tags:
                 raise _fail(f"IFD {ifd.index} SubIFD {n} carries metadata or children")
-            _check_ifd(kid, fmt, allowed - {tiff.SUB_IFDS}, f" SubIFD {n}")
+            _check_ifd(kid, fmt, allowed - {tiff.SUB_IFDS}, f" SubIFD {n}", policy=policy)
     if fmt is SlideFormat.GENERIC_TIFF:
         pyr = generic_pyramid(st)
         if pyr.others:
@@ -194,7 +195,12 @@ def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple
 
 
 def _check_ifd(
-    ifd: TiffIfd, fmt: SlideFormat, allowed: frozenset[int], sub: str = "", macro_ok: bool = False
+    ifd: TiffIfd,
+    fmt: SlideFormat,
+    allowed: frozenset[int],
+    sub: str = "",
+    macro_ok: bool = False,
+    policy: DeidPolicy | None = None,
 ) -> None:
     where = f"IFD {ifd.index}{sub}"
     if ifd.children and (fmt is not SlideFormat.OME_TIFF or set(ifd.children) != {tiff.SUB_IFDS}):
@@ -215,7 +221,7 @@ def _check_ifd(
     elif fmt is SlideFormat.APERIO_SVS:
         desc = ifd.get(tiff.IMAGE_DESCRIPTION)
         if desc is not None:
-            problem = aperio.verify_description(desc.text())
+            problem = aperio.verify_description(desc.text(), policy.kept("svs"))
             if problem:
                 raise _fail(f"{where}: {problem}")
     elif fmt is SlideFormat.HAMAMATSU_NDPI:
@@ -226,7 +232,8 @@ def _check_ifd(
         if props is not None:
             for line in props.text().splitlines():
                 key = line.split("=", 1)[0].strip()
-                if line.strip() and key not in hamamatsu.PROPERTY_KEEP:
+                known = key in hamamatsu.PROPERTY_KEEP or key in policy.kept("ndpi")
+                if line.strip() and not known:
                     raise _fail(f"{where}: NDPI property map holds a key outside the keep-list")
     elif fmt is SlideFormat.OME_TIFF:
         desc = ifd.get(tiff.IMAGE_DESCRIPTION)

@@ -60,6 +60,10 @@ class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Action.ValueTy
     ACTION_INFER: _Action.ValueType  # 4
     ACTION_MANAGE: _Action.ValueType  # 5
     """Grant and revoke roles on the dataset."""
+    ACTION_REVIEW: _Action.ValueType  # 6
+    """Decide on slides held for de-identification review (approve with rules, reject) and
+    set the dataset's de-identification policy. Data stewards only.
+    """
 
 class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
 
@@ -72,6 +76,10 @@ ACTION_UPLOAD: Action.ValueType  # 3
 ACTION_INFER: Action.ValueType  # 4
 ACTION_MANAGE: Action.ValueType  # 5
 """Grant and revoke roles on the dataset."""
+ACTION_REVIEW: Action.ValueType  # 6
+"""Decide on slides held for de-identification review (approve with rules, reject) and
+set the dataset's de-identification policy. Data stewards only.
+"""
 Global___Action: _TypeAlias = Action  # noqa: Y015
 
 @_typing.final

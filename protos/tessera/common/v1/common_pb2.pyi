@@ -35,6 +35,8 @@ class _SlideFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlideForm
     SLIDE_FORMAT_QPTIFF: _SlideFormat.ValueType  # 6
     SLIDE_FORMAT_PHILIPS_TIFF: _SlideFormat.ValueType  # 7
     SLIDE_FORMAT_VENTANA_BIF: _SlideFormat.ValueType  # 8
+    SLIDE_FORMAT_MRXS: _SlideFormat.ValueType  # 9
+    """3DHISTECH MRXS: uploaded as a ZIP bundle (.mrxs file plus its data folder)"""
 
 class SlideFormat(_SlideFormat, metaclass=_SlideFormatEnumTypeWrapper):
     """The container format of a whole-slide image."""
@@ -48,6 +50,8 @@ SLIDE_FORMAT_OME_TIFF: SlideFormat.ValueType  # 5
 SLIDE_FORMAT_QPTIFF: SlideFormat.ValueType  # 6
 SLIDE_FORMAT_PHILIPS_TIFF: SlideFormat.ValueType  # 7
 SLIDE_FORMAT_VENTANA_BIF: SlideFormat.ValueType  # 8
+SLIDE_FORMAT_MRXS: SlideFormat.ValueType  # 9
+"""3DHISTECH MRXS: uploaded as a ZIP bundle (.mrxs file plus its data folder)"""
 Global___SlideFormat: _TypeAlias = SlideFormat  # noqa: Y015
 
 class _SlideStatus:
@@ -62,6 +66,11 @@ class _SlideStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SlideStat
     SLIDE_STATUS_TILED: _SlideStatus.ValueType  # 3
     SLIDE_STATUS_READY: _SlideStatus.ValueType  # 4
     SLIDE_STATUS_REJECTED: _SlideStatus.ValueType  # 5
+    SLIDE_STATUS_NEEDS_REVIEW: _SlideStatus.ValueType  # 6
+    """Held in quarantine: de-identification met a metadata key, tag or block no rule knows.
+    A data steward approves it with an explicit rule (it is then processed again) or
+    rejects it. Not terminal, but waits on a person.
+    """
 
 class SlideStatus(_SlideStatus, metaclass=_SlideStatusEnumTypeWrapper):
     """Where a slide is in the pipeline. Terminal states: READY, REJECTED."""
@@ -72,6 +81,11 @@ SLIDE_STATUS_DEIDENTIFIED: SlideStatus.ValueType  # 2
 SLIDE_STATUS_TILED: SlideStatus.ValueType  # 3
 SLIDE_STATUS_READY: SlideStatus.ValueType  # 4
 SLIDE_STATUS_REJECTED: SlideStatus.ValueType  # 5
+SLIDE_STATUS_NEEDS_REVIEW: SlideStatus.ValueType  # 6
+"""Held in quarantine: de-identification met a metadata key, tag or block no rule knows.
+A data steward approves it with an explicit rule (it is then processed again) or
+rejects it. Not terminal, but waits on a person.
+"""
 Global___SlideStatus: _TypeAlias = SlideStatus  # noqa: Y015
 
 @_typing.final

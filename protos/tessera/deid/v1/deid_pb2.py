@@ -22,22 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/deid/v1/deid.proto\x12\x0ftessera.deid.v1\x1a\x1etessera/common/v1/common.proto\"4\n GetDeidentificationReportRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\"\xb5\x01\n!GetDeidentificationReportResponse\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.tessera.deid.v1.DeidOutcome\x12/\n\x07summary\x18\x03 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t*\x7f\n\x0b\x44\x65idOutcome\x12\x1c\n\x18\x44\x45ID_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45ID_OUTCOME_PENDING\x10\x01\x12\x1d\n\x19\x44\x45ID_OUTCOME_DEIDENTIFIED\x10\x02\x12\x19\n\x15\x44\x45ID_OUTCOME_REJECTED\x10\x03\x32\x9e\x01\n\x17\x44\x65identificationService\x12\x82\x01\n\x19GetDeidentificationReport\x12\x31.tessera.deid.v1.GetDeidentificationReportRequest\x1a\x32.tessera.deid.v1.GetDeidentificationReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/deid/v1/deid.proto\x12\x0ftessera.deid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"8\n\nReviewItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05where\x18\x03 \x01(\t\"@\n\x04Rule\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.tessera.deid.v1.RuleAction\"\xa0\x01\n\x0c\x41pprovedRule\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.tessera.deid.v1.RuleAction\x12\x13\n\x0b\x61pproved_by\x18\x03 \x01(\t\x12/\n\x0b\x61pproved_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08slide_id\x18\x05 \x01(\t\"\x92\x02\n\rDatasetPolicy\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12+\n\x05macro\x18\x02 \x01(\x0e\x32\x1c.tessera.deid.v1.MacroPolicy\x12*\n\x05\x64\x61tes\x18\x03 \x01(\x0e\x32\x1b.tessera.deid.v1.DatePolicy\x12\"\n\x1aquarantine_retention_hours\x18\x04 \x01(\r\x12,\n\x05rules\x18\x05 \x03(\x0b\x32\x1d.tessera.deid.v1.ApprovedRule\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x07 \x01(\t\"4\n GetDeidentificationReportRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\"\x81\x03\n!GetDeidentificationReportResponse\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.tessera.deid.v1.DeidOutcome\x12/\n\x07summary\x18\x03 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x31\n\x0creview_items\x18\x06 \x03(\x0b\x32\x1b.tessera.deid.v1.ReviewItem\x12\x38\n\x14quarantine_erased_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19quarantine_erasure_reason\x18\x08 \x01(\t\x12:\n\x16quarantine_erase_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x12ListReviewsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\"\xb6\x01\n\x06Review\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12*\n\x05items\x18\x05 \x03(\x0b\x32\x1b.tessera.deid.v1.ReviewItem\x12+\n\x07held_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x07 \x01(\r\"?\n\x13ListReviewsResponse\x12(\n\x07reviews\x18\x01 \x03(\x0b\x32\x17.tessera.deid.v1.Review\"M\n\x13\x41pproveSlideRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12$\n\x05rules\x18\x02 \x03(\x0b\x32\x15.tessera.deid.v1.Rule\"\xaa\x01\n\x14\x41pproveSlideResponse\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.tessera.deid.v1.DeidOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x31\n\x0creview_items\x18\x05 \x03(\x0b\x32\x1b.tessera.deid.v1.ReviewItem\"&\n\x12RejectSlideRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\"a\n\x13RejectSlideResponse\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12\x38\n\x14quarantine_erased_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x17GetDatasetPolicyRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"J\n\x18GetDatasetPolicyResponse\x12.\n\x06policy\x18\x01 \x01(\x0b\x32\x1e.tessera.deid.v1.DatasetPolicy\"\xce\x01\n\x17SetDatasetPolicyRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12+\n\x05macro\x18\x02 \x01(\x0e\x32\x1c.tessera.deid.v1.MacroPolicy\x12*\n\x05\x64\x61tes\x18\x03 \x01(\x0e\x32\x1b.tessera.deid.v1.DatePolicy\x12\'\n\x1aquarantine_retention_hours\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x1d\n\x1b_quarantine_retention_hours\"J\n\x18SetDatasetPolicyResponse\x12.\n\x06policy\x18\x01 \x01(\x0b\x32\x1e.tessera.deid.v1.DatasetPolicy*\x9e\x01\n\x0b\x44\x65idOutcome\x12\x1c\n\x18\x44\x45ID_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45ID_OUTCOME_PENDING\x10\x01\x12\x1d\n\x19\x44\x45ID_OUTCOME_DEIDENTIFIED\x10\x02\x12\x19\n\x15\x44\x45ID_OUTCOME_REJECTED\x10\x03\x12\x1d\n\x19\x44\x45ID_OUTCOME_NEEDS_REVIEW\x10\x04*W\n\nRuleAction\x12\x1b\n\x17RULE_ACTION_UNSPECIFIED\x10\x00\x12\x16\n\x12RULE_ACTION_REMOVE\x10\x01\x12\x14\n\x10RULE_ACTION_KEEP\x10\x02*i\n\x0bMacroPolicy\x12\x1c\n\x18MACRO_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MACRO_POLICY_REMOVE\x10\x01\x12#\n\x1fMACRO_POLICY_KEEP_LABEL_BLANKED\x10\x02*\\\n\nDatePolicy\x12\x1b\n\x17\x44\x41TE_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x41TE_POLICY_REMOVE\x10\x01\x12\x19\n\x15\x44\x41TE_POLICY_YEAR_ONLY\x10\x02\x32\x81\x05\n\x17\x44\x65identificationService\x12\x82\x01\n\x19GetDeidentificationReport\x12\x31.tessera.deid.v1.GetDeidentificationReportRequest\x1a\x32.tessera.deid.v1.GetDeidentificationReportResponse\x12X\n\x0bListReviews\x12#.tessera.deid.v1.ListReviewsRequest\x1a$.tessera.deid.v1.ListReviewsResponse\x12[\n\x0c\x41pproveSlide\x12$.tessera.deid.v1.ApproveSlideRequest\x1a%.tessera.deid.v1.ApproveSlideResponse\x12X\n\x0bRejectSlide\x12#.tessera.deid.v1.RejectSlideRequest\x1a$.tessera.deid.v1.RejectSlideResponse\x12g\n\x10GetDatasetPolicy\x12(.tessera.deid.v1.GetDatasetPolicyRequest\x1a).tessera.deid.v1.GetDatasetPolicyResponse\x12g\n\x10SetDatasetPolicy\x12(.tessera.deid.v1.SetDatasetPolicyRequest\x1a).tessera.deid.v1.SetDatasetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.deid.v1.deid_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEIDOUTCOME']._serialized_start=317
-  _globals['_DEIDOUTCOME']._serialized_end=444
-  _globals['_GETDEIDENTIFICATIONREPORTREQUEST']._serialized_start=79
-  _globals['_GETDEIDENTIFICATIONREPORTREQUEST']._serialized_end=131
-  _globals['_GETDEIDENTIFICATIONREPORTRESPONSE']._serialized_start=134
-  _globals['_GETDEIDENTIFICATIONREPORTRESPONSE']._serialized_end=315
-  _globals['_DEIDENTIFICATIONSERVICE']._serialized_start=447
-  _globals['_DEIDENTIFICATIONSERVICE']._serialized_end=605
+  _globals['_DEIDOUTCOME']._serialized_start=2229
+  _globals['_DEIDOUTCOME']._serialized_end=2387
+  _globals['_RULEACTION']._serialized_start=2389
+  _globals['_RULEACTION']._serialized_end=2476
+  _globals['_MACROPOLICY']._serialized_start=2478
+  _globals['_MACROPOLICY']._serialized_end=2583
+  _globals['_DATEPOLICY']._serialized_start=2585
+  _globals['_DATEPOLICY']._serialized_end=2677
+  _globals['_REVIEWITEM']._serialized_start=112
+  _globals['_REVIEWITEM']._serialized_end=168
+  _globals['_RULE']._serialized_start=170
+  _globals['_RULE']._serialized_end=234
+  _globals['_APPROVEDRULE']._serialized_start=237
+  _globals['_APPROVEDRULE']._serialized_end=397
+  _globals['_DATASETPOLICY']._serialized_start=400
+  _globals['_DATASETPOLICY']._serialized_end=674
+  _globals['_GETDEIDENTIFICATIONREPORTREQUEST']._serialized_start=676
+  _globals['_GETDEIDENTIFICATIONREPORTREQUEST']._serialized_end=728
+  _globals['_GETDEIDENTIFICATIONREPORTRESPONSE']._serialized_start=731
+  _globals['_GETDEIDENTIFICATIONREPORTRESPONSE']._serialized_end=1116
+  _globals['_LISTREVIEWSREQUEST']._serialized_start=1118
+  _globals['_LISTREVIEWSREQUEST']._serialized_end=1177
+  _globals['_REVIEW']._serialized_start=1180
+  _globals['_REVIEW']._serialized_end=1362
+  _globals['_LISTREVIEWSRESPONSE']._serialized_start=1364
+  _globals['_LISTREVIEWSRESPONSE']._serialized_end=1427
+  _globals['_APPROVESLIDEREQUEST']._serialized_start=1429
+  _globals['_APPROVESLIDEREQUEST']._serialized_end=1506
+  _globals['_APPROVESLIDERESPONSE']._serialized_start=1509
+  _globals['_APPROVESLIDERESPONSE']._serialized_end=1679
+  _globals['_REJECTSLIDEREQUEST']._serialized_start=1681
+  _globals['_REJECTSLIDEREQUEST']._serialized_end=1719
+  _globals['_REJECTSLIDERESPONSE']._serialized_start=1721
+  _globals['_REJECTSLIDERESPONSE']._serialized_end=1818
+  _globals['_GETDATASETPOLICYREQUEST']._serialized_start=1820
+  _globals['_GETDATASETPOLICYREQUEST']._serialized_end=1865
+  _globals['_GETDATASETPOLICYRESPONSE']._serialized_start=1867
+  _globals['_GETDATASETPOLICYRESPONSE']._serialized_end=1941
+  _globals['_SETDATASETPOLICYREQUEST']._serialized_start=1944
+  _globals['_SETDATASETPOLICYREQUEST']._serialized_end=2150
+  _globals['_SETDATASETPOLICYRESPONSE']._serialized_start=2152
+  _globals['_SETDATASETPOLICYRESPONSE']._serialized_end=2226
+  _globals['_DEIDENTIFICATIONSERVICE']._serialized_start=2680
+  _globals['_DEIDENTIFICATIONSERVICE']._serialized_end=3321
 # @@protoc_insertion_point(module_scope)

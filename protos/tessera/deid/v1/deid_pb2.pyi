@@ -3,8 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tessera.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -28,6 +31,7 @@ class _DeidOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeidOutco
     DEID_OUTCOME_PENDING: _DeidOutcome.ValueType  # 1
     DEID_OUTCOME_DEIDENTIFIED: _DeidOutcome.ValueType  # 2
     DEID_OUTCOME_REJECTED: _DeidOutcome.ValueType  # 3
+    DEID_OUTCOME_NEEDS_REVIEW: _DeidOutcome.ValueType  # 4
 
 class DeidOutcome(_DeidOutcome, metaclass=_DeidOutcomeEnumTypeWrapper): ...
 
@@ -35,7 +39,195 @@ DEID_OUTCOME_UNSPECIFIED: DeidOutcome.ValueType  # 0
 DEID_OUTCOME_PENDING: DeidOutcome.ValueType  # 1
 DEID_OUTCOME_DEIDENTIFIED: DeidOutcome.ValueType  # 2
 DEID_OUTCOME_REJECTED: DeidOutcome.ValueType  # 3
+DEID_OUTCOME_NEEDS_REVIEW: DeidOutcome.ValueType  # 4
 Global___DeidOutcome: _TypeAlias = DeidOutcome  # noqa: Y015
+
+class _RuleAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RuleActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuleAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RULE_ACTION_UNSPECIFIED: _RuleAction.ValueType  # 0
+    RULE_ACTION_REMOVE: _RuleAction.ValueType  # 1
+    """Drop the item from the output (its text is also searched for in the output)."""
+    RULE_ACTION_KEEP: _RuleAction.ValueType  # 2
+    """Copy the item into the output unchanged."""
+
+class RuleAction(_RuleAction, metaclass=_RuleActionEnumTypeWrapper): ...
+
+RULE_ACTION_UNSPECIFIED: RuleAction.ValueType  # 0
+RULE_ACTION_REMOVE: RuleAction.ValueType  # 1
+"""Drop the item from the output (its text is also searched for in the output)."""
+RULE_ACTION_KEEP: RuleAction.ValueType  # 2
+"""Copy the item into the output unchanged."""
+Global___RuleAction: _TypeAlias = RuleAction  # noqa: Y015
+
+class _MacroPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MacroPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MacroPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MACRO_POLICY_UNSPECIFIED: _MacroPolicy.ValueType  # 0
+    MACRO_POLICY_REMOVE: _MacroPolicy.ValueType  # 1
+    MACRO_POLICY_KEEP_LABEL_BLANKED: _MacroPolicy.ValueType  # 2
+    """Keep the slide overview with the label end of the glass filled black (SVS, NDPI)."""
+
+class MacroPolicy(_MacroPolicy, metaclass=_MacroPolicyEnumTypeWrapper): ...
+
+MACRO_POLICY_UNSPECIFIED: MacroPolicy.ValueType  # 0
+MACRO_POLICY_REMOVE: MacroPolicy.ValueType  # 1
+MACRO_POLICY_KEEP_LABEL_BLANKED: MacroPolicy.ValueType  # 2
+"""Keep the slide overview with the label end of the glass filled black (SVS, NDPI)."""
+Global___MacroPolicy: _TypeAlias = MacroPolicy  # noqa: Y015
+
+class _DatePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATE_POLICY_UNSPECIFIED: _DatePolicy.ValueType  # 0
+    DATE_POLICY_REMOVE: _DatePolicy.ValueType  # 1
+    DATE_POLICY_YEAR_ONLY: _DatePolicy.ValueType  # 2
+    """Structured acquisition dates keep their year only (YYYY-01-01)."""
+
+class DatePolicy(_DatePolicy, metaclass=_DatePolicyEnumTypeWrapper): ...
+
+DATE_POLICY_UNSPECIFIED: DatePolicy.ValueType  # 0
+DATE_POLICY_REMOVE: DatePolicy.ValueType  # 1
+DATE_POLICY_YEAR_ONLY: DatePolicy.ValueType  # 2
+"""Structured acquisition dates keep their year only (YYYY-01-01)."""
+Global___DatePolicy: _TypeAlias = DatePolicy  # noqa: Y015
+
+@_typing.final
+class ReviewItem(_message.Message):
+    """One item de-identification does not know. `key` is the identifier a rule names:
+    "tiff:<tag number>", "svs:<ImageDescription field>", "ndpi:<property key>".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    reason: _builtins.str
+    """Stable code, e.g. UNKNOWN_TIFF_TAG."""
+    where: _builtins.str
+    """Where it was first seen ("IFD 0"); never a value from the file."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        where: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reason", b"reason", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewItem: _TypeAlias = ReviewItem  # noqa: Y015
+
+@_typing.final
+class Rule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    action: Global___RuleAction.ValueType
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        action: Global___RuleAction.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rule: _TypeAlias = Rule  # noqa: Y015
+
+@_typing.final
+class ApprovedRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_AT_FIELD_NUMBER: _builtins.int
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    action: Global___RuleAction.ValueType
+    approved_by: _builtins.str
+    slide_id: _builtins.str
+    """The slide whose review introduced the rule."""
+    @_builtins.property
+    def approved_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        action: Global___RuleAction.ValueType = ...,
+        approved_by: _builtins.str = ...,
+        approved_at: _timestamp_pb2.Timestamp | None = ...,
+        slide_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approved_at", b"approved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approved_at", b"approved_at", "approved_by", b"approved_by", "key", b"key", "slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovedRule: _TypeAlias = ApprovedRule  # noqa: Y015
+
+@_typing.final
+class DatasetPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    MACRO_FIELD_NUMBER: _builtins.int
+    DATES_FIELD_NUMBER: _builtins.int
+    QUARANTINE_RETENTION_HOURS_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    macro: Global___MacroPolicy.ValueType
+    dates: Global___DatePolicy.ValueType
+    quarantine_retention_hours: _builtins.int
+    """0: the identified original is erased as soon as the de-identified copy is verified
+    (or the slide is rejected). N > 0: it is kept N hours, then erased by a sweep.
+    """
+    updated_by: _builtins.str
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovedRule]: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        macro: Global___MacroPolicy.ValueType = ...,
+        dates: Global___DatePolicy.ValueType = ...,
+        quarantine_retention_hours: _builtins.int = ...,
+        rules: _abc.Iterable[Global___ApprovedRule] | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "dates", b"dates", "macro", b"macro", "quarantine_retention_hours", b"quarantine_retention_hours", "rules", b"rules", "updated_at", b"updated_at", "updated_by", b"updated_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetPolicy: _TypeAlias = DatasetPolicy  # noqa: Y015
 
 @_typing.final
 class GetDeidentificationReportRequest(_message.Message):
@@ -65,12 +257,31 @@ class GetDeidentificationReportResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    REVIEW_ITEMS_FIELD_NUMBER: _builtins.int
+    QUARANTINE_ERASED_AT_FIELD_NUMBER: _builtins.int
+    QUARANTINE_ERASURE_REASON_FIELD_NUMBER: _builtins.int
+    QUARANTINE_ERASE_AFTER_FIELD_NUMBER: _builtins.int
     slide_id: _builtins.str
     outcome: Global___DeidOutcome.ValueType
     reason: _builtins.str
     detail: _builtins.str
+    quarantine_erasure_reason: _builtins.str
     @_builtins.property
     def summary(self) -> _common_pb2.DeidSummary: ...
+    @_builtins.property
+    def review_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewItem]:
+        """NEEDS_REVIEW: what the slide is held for."""
+
+    @_builtins.property
+    def quarantine_erased_at(self) -> _timestamp_pb2.Timestamp:
+        """When the identified original left quarantine, and why (VERIFIED_COPY_STORED,
+        RETENTION_EXPIRED, REVIEW_REJECTED, REJECTED); unset while it is still there.
+        """
+
+    @_builtins.property
+    def quarantine_erase_after(self) -> _timestamp_pb2.Timestamp:
+        """While still there: when the retention sweep will erase it (unset: at the decision)."""
+
     def __init__(
         self,
         *,
@@ -79,11 +290,287 @@ class GetDeidentificationReportResponse(_message.Message):
         summary: _common_pb2.DeidSummary | None = ...,
         reason: _builtins.str = ...,
         detail: _builtins.str = ...,
+        review_items: _abc.Iterable[Global___ReviewItem] | None = ...,
+        quarantine_erased_at: _timestamp_pb2.Timestamp | None = ...,
+        quarantine_erasure_reason: _builtins.str = ...,
+        quarantine_erase_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quarantine_erase_after", b"quarantine_erase_after", "quarantine_erased_at", b"quarantine_erased_at", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "outcome", b"outcome", "reason", b"reason", "slide_id", b"slide_id", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "outcome", b"outcome", "quarantine_erase_after", b"quarantine_erase_after", "quarantine_erased_at", b"quarantine_erased_at", "quarantine_erasure_reason", b"quarantine_erasure_reason", "reason", b"reason", "review_items", b"review_items", "slide_id", b"slide_id", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDeidentificationReportResponse: _TypeAlias = GetDeidentificationReportResponse  # noqa: Y015
+
+@_typing.final
+class ListReviewsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """Optional: one dataset; default every dataset the caller stewards."""
+    page_size: _builtins.int
+    """1..500, default 100."""
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsRequest: _TypeAlias = ListReviewsRequest  # noqa: Y015
+
+@_typing.final
+class Review(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    HELD_AT_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    slide_id: _builtins.str
+    dataset_id: _builtins.str
+    reason: _builtins.str
+    detail: _builtins.str
+    round: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewItem]: ...
+    @_builtins.property
+    def held_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        slide_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        items: _abc.Iterable[Global___ReviewItem] | None = ...,
+        held_at: _timestamp_pb2.Timestamp | None = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held_at", b"held_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "detail", b"detail", "held_at", b"held_at", "items", b"items", "reason", b"reason", "round", b"round", "slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Review: _TypeAlias = Review  # noqa: Y015
+
+@_typing.final
+class ListReviewsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Review]: ...
+    def __init__(
+        self,
+        *,
+        reviews: _abc.Iterable[Global___Review] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reviews", b"reviews"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsResponse: _TypeAlias = ListReviewsResponse  # noqa: Y015
+
+@_typing.final
+class ApproveSlideRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    slide_id: _builtins.str
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]:
+        """Must name every key the slide is held for; may name more."""
+
+    def __init__(
+        self,
+        *,
+        slide_id: _builtins.str = ...,
+        rules: _abc.Iterable[Global___Rule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveSlideRequest: _TypeAlias = ApproveSlideRequest  # noqa: Y015
+
+@_typing.final
+class ApproveSlideResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REVIEW_ITEMS_FIELD_NUMBER: _builtins.int
+    slide_id: _builtins.str
+    outcome: Global___DeidOutcome.ValueType
+    """After de-identifying again: DEIDENTIFIED, REJECTED, or NEEDS_REVIEW (other keys)."""
+    reason: _builtins.str
+    detail: _builtins.str
+    @_builtins.property
+    def review_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewItem]: ...
+    def __init__(
+        self,
+        *,
+        slide_id: _builtins.str = ...,
+        outcome: Global___DeidOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        review_items: _abc.Iterable[Global___ReviewItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "outcome", b"outcome", "reason", b"reason", "review_items", b"review_items", "slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveSlideResponse: _TypeAlias = ApproveSlideResponse  # noqa: Y015
+
+@_typing.final
+class RejectSlideRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    slide_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        slide_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectSlideRequest: _TypeAlias = RejectSlideRequest  # noqa: Y015
+
+@_typing.final
+class RejectSlideResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    QUARANTINE_ERASED_AT_FIELD_NUMBER: _builtins.int
+    slide_id: _builtins.str
+    @_builtins.property
+    def quarantine_erased_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        slide_id: _builtins.str = ...,
+        quarantine_erased_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quarantine_erased_at", b"quarantine_erased_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quarantine_erased_at", b"quarantine_erased_at", "slide_id", b"slide_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectSlideResponse: _TypeAlias = RejectSlideResponse  # noqa: Y015
+
+@_typing.final
+class GetDatasetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetPolicyRequest: _TypeAlias = GetDatasetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetDatasetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___DatasetPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___DatasetPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetPolicyResponse: _TypeAlias = GetDatasetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetDatasetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    MACRO_FIELD_NUMBER: _builtins.int
+    DATES_FIELD_NUMBER: _builtins.int
+    QUARANTINE_RETENTION_HOURS_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    macro: Global___MacroPolicy.ValueType
+    dates: Global___DatePolicy.ValueType
+    quarantine_retention_hours: _builtins.int
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        macro: Global___MacroPolicy.ValueType = ...,
+        dates: Global___DatePolicy.ValueType = ...,
+        quarantine_retention_hours: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_quarantine_retention_hours", b"_quarantine_retention_hours", "quarantine_retention_hours", b"quarantine_retention_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quarantine_retention_hours", b"_quarantine_retention_hours", "dataset_id", b"dataset_id", "dates", b"dates", "macro", b"macro", "quarantine_retention_hours", b"quarantine_retention_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__quarantine_retention_hours: _TypeAlias = _typing.Literal["quarantine_retention_hours"]  # noqa: Y015
+    _WhichOneofArgType__quarantine_retention_hours: _TypeAlias = _typing.Literal["_quarantine_retention_hours", b"_quarantine_retention_hours"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quarantine_retention_hours) -> _WhichOneofReturnType__quarantine_retention_hours | None: ...
+
+Global___SetDatasetPolicyRequest: _TypeAlias = SetDatasetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetDatasetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___DatasetPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___DatasetPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDatasetPolicyResponse: _TypeAlias = SetDatasetPolicyResponse  # noqa: Y015

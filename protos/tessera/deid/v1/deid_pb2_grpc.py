@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class DeidentificationServiceStub:
-    """De-identification runs on "received" events; this API reports its outcome.
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
     """
 
     def __init__(self, channel):
@@ -40,14 +42,78 @@ class DeidentificationServiceStub:
                 request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportRequest.SerializeToString,
                 response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportResponse.FromString,
                 _registered_method=True)
+        self.ListReviews = channel.unary_unary(
+                '/tessera.deid.v1.DeidentificationService/ListReviews',
+                request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsRequest.SerializeToString,
+                response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.ApproveSlide = channel.unary_unary(
+                '/tessera.deid.v1.DeidentificationService/ApproveSlide',
+                request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideRequest.SerializeToString,
+                response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideResponse.FromString,
+                _registered_method=True)
+        self.RejectSlide = channel.unary_unary(
+                '/tessera.deid.v1.DeidentificationService/RejectSlide',
+                request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideRequest.SerializeToString,
+                response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideResponse.FromString,
+                _registered_method=True)
+        self.GetDatasetPolicy = channel.unary_unary(
+                '/tessera.deid.v1.DeidentificationService/GetDatasetPolicy',
+                request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyRequest.SerializeToString,
+                response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetDatasetPolicy = channel.unary_unary(
+                '/tessera.deid.v1.DeidentificationService/SetDatasetPolicy',
+                request_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyRequest.SerializeToString,
+                response_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class DeidentificationServiceServicer:
-    """De-identification runs on "received" events; this API reports its outcome.
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
     """
 
     def GetDeidentificationReport(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReviews(self, request, context):
+        """Slides held for review (NEEDS_REVIEW) on datasets the caller stewards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveSlide(self, request, context):
+        """Approve a held slide with an explicit rule for every key it was held for. The rules are
+        stored with the dataset (they apply to its later slides too), the decision is audited,
+        and the quarantined original is de-identified again with them. Data stewards only
+        (PERMISSION_DENIED); unknown slide NOT_FOUND; slide not held FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectSlide(self, request, context):
+        """Reject a held slide: it becomes REJECTED and its quarantined original is erased.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDatasetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDatasetPolicy(self, request, context):
+        """Data stewards only. Fields left UNSPECIFIED (or unset) keep their current value.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +126,31 @@ def add_DeidentificationServiceServicer_to_server(servicer, server):
                     request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportRequest.FromString,
                     response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportResponse.SerializeToString,
             ),
+            'ListReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviews,
+                    request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsRequest.FromString,
+                    response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'ApproveSlide': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveSlide,
+                    request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideRequest.FromString,
+                    response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideResponse.SerializeToString,
+            ),
+            'RejectSlide': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectSlide,
+                    request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideRequest.FromString,
+                    response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideResponse.SerializeToString,
+            ),
+            'GetDatasetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetPolicy,
+                    request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyRequest.FromString,
+                    response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyResponse.SerializeToString,
+            ),
+            'SetDatasetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDatasetPolicy,
+                    request_deserializer=tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyRequest.FromString,
+                    response_serializer=tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tessera.deid.v1.DeidentificationService', rpc_method_handlers)
@@ -69,7 +160,9 @@ def add_DeidentificationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DeidentificationService:
-    """De-identification runs on "received" events; this API reports its outcome.
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
     """
 
     @staticmethod
@@ -89,6 +182,141 @@ class DeidentificationService:
             '/tessera.deid.v1.DeidentificationService/GetDeidentificationReport',
             tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportRequest.SerializeToString,
             tessera_dot_deid_dot_v1_dot_deid__pb2.GetDeidentificationReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.deid.v1.DeidentificationService/ListReviews',
+            tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsRequest.SerializeToString,
+            tessera_dot_deid_dot_v1_dot_deid__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveSlide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.deid.v1.DeidentificationService/ApproveSlide',
+            tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideRequest.SerializeToString,
+            tessera_dot_deid_dot_v1_dot_deid__pb2.ApproveSlideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectSlide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.deid.v1.DeidentificationService/RejectSlide',
+            tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideRequest.SerializeToString,
+            tessera_dot_deid_dot_v1_dot_deid__pb2.RejectSlideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.deid.v1.DeidentificationService/GetDatasetPolicy',
+            tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyRequest.SerializeToString,
+            tessera_dot_deid_dot_v1_dot_deid__pb2.GetDatasetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDatasetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.deid.v1.DeidentificationService/SetDatasetPolicy',
+            tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyRequest.SerializeToString,
+            tessera_dot_deid_dot_v1_dot_deid__pb2.SetDatasetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

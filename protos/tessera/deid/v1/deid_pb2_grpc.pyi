@@ -27,23 +27,58 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DeidentificationServiceStub:
-    """De-identification runs on "received" events; this API reports its outcome."""
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DeidentificationServiceAsyncStub: ...
     GetDeidentificationReport: _grpc.UnaryUnaryMultiCallable[_deid_pb2.GetDeidentificationReportRequest, _deid_pb2.GetDeidentificationReportResponse]
+    ListReviews: _grpc.UnaryUnaryMultiCallable[_deid_pb2.ListReviewsRequest, _deid_pb2.ListReviewsResponse]
+    """Slides held for review (NEEDS_REVIEW) on datasets the caller stewards."""
+    ApproveSlide: _grpc.UnaryUnaryMultiCallable[_deid_pb2.ApproveSlideRequest, _deid_pb2.ApproveSlideResponse]
+    """Approve a held slide with an explicit rule for every key it was held for. The rules are
+    stored with the dataset (they apply to its later slides too), the decision is audited,
+    and the quarantined original is de-identified again with them. Data stewards only
+    (PERMISSION_DENIED); unknown slide NOT_FOUND; slide not held FAILED_PRECONDITION.
+    """
+    RejectSlide: _grpc.UnaryUnaryMultiCallable[_deid_pb2.RejectSlideRequest, _deid_pb2.RejectSlideResponse]
+    """Reject a held slide: it becomes REJECTED and its quarantined original is erased."""
+    GetDatasetPolicy: _grpc.UnaryUnaryMultiCallable[_deid_pb2.GetDatasetPolicyRequest, _deid_pb2.GetDatasetPolicyResponse]
+    SetDatasetPolicy: _grpc.UnaryUnaryMultiCallable[_deid_pb2.SetDatasetPolicyRequest, _deid_pb2.SetDatasetPolicyResponse]
+    """Data stewards only. Fields left UNSPECIFIED (or unset) keep their current value."""
 
 @_typing.type_check_only
 class DeidentificationServiceAsyncStub(DeidentificationServiceStub):
-    """De-identification runs on "received" events; this API reports its outcome."""
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetDeidentificationReport: _aio.UnaryUnaryMultiCallable[_deid_pb2.GetDeidentificationReportRequest, _deid_pb2.GetDeidentificationReportResponse]  # type: ignore[assignment]
+    ListReviews: _aio.UnaryUnaryMultiCallable[_deid_pb2.ListReviewsRequest, _deid_pb2.ListReviewsResponse]  # type: ignore[assignment]
+    """Slides held for review (NEEDS_REVIEW) on datasets the caller stewards."""
+    ApproveSlide: _aio.UnaryUnaryMultiCallable[_deid_pb2.ApproveSlideRequest, _deid_pb2.ApproveSlideResponse]  # type: ignore[assignment]
+    """Approve a held slide with an explicit rule for every key it was held for. The rules are
+    stored with the dataset (they apply to its later slides too), the decision is audited,
+    and the quarantined original is de-identified again with them. Data stewards only
+    (PERMISSION_DENIED); unknown slide NOT_FOUND; slide not held FAILED_PRECONDITION.
+    """
+    RejectSlide: _aio.UnaryUnaryMultiCallable[_deid_pb2.RejectSlideRequest, _deid_pb2.RejectSlideResponse]  # type: ignore[assignment]
+    """Reject a held slide: it becomes REJECTED and its quarantined original is erased."""
+    GetDatasetPolicy: _aio.UnaryUnaryMultiCallable[_deid_pb2.GetDatasetPolicyRequest, _deid_pb2.GetDatasetPolicyResponse]  # type: ignore[assignment]
+    SetDatasetPolicy: _aio.UnaryUnaryMultiCallable[_deid_pb2.SetDatasetPolicyRequest, _deid_pb2.SetDatasetPolicyResponse]  # type: ignore[assignment]
+    """Data stewards only. Fields left UNSPECIFIED (or unset) keep their current value."""
 
 class DeidentificationServiceServicer(metaclass=_abc_1.ABCMeta):
-    """De-identification runs on "received" events; this API reports its outcome."""
+    """De-identification runs on "received" events; this API reports its outcome, lets data
+    stewards decide on slides held for review, and holds each dataset's de-identification
+    policy.
+    """
 
     @_abc_1.abstractmethod
     def GetDeidentificationReport(
@@ -51,5 +86,48 @@ class DeidentificationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deid_pb2.GetDeidentificationReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_deid_pb2.GetDeidentificationReportResponse, _abc.Awaitable[_deid_pb2.GetDeidentificationReportResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListReviews(
+        self,
+        request: _deid_pb2.ListReviewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deid_pb2.ListReviewsResponse, _abc.Awaitable[_deid_pb2.ListReviewsResponse]]:
+        """Slides held for review (NEEDS_REVIEW) on datasets the caller stewards."""
+
+    @_abc_1.abstractmethod
+    def ApproveSlide(
+        self,
+        request: _deid_pb2.ApproveSlideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deid_pb2.ApproveSlideResponse, _abc.Awaitable[_deid_pb2.ApproveSlideResponse]]:
+        """Approve a held slide with an explicit rule for every key it was held for. The rules are
+        stored with the dataset (they apply to its later slides too), the decision is audited,
+        and the quarantined original is de-identified again with them. Data stewards only
+        (PERMISSION_DENIED); unknown slide NOT_FOUND; slide not held FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectSlide(
+        self,
+        request: _deid_pb2.RejectSlideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deid_pb2.RejectSlideResponse, _abc.Awaitable[_deid_pb2.RejectSlideResponse]]:
+        """Reject a held slide: it becomes REJECTED and its quarantined original is erased."""
+
+    @_abc_1.abstractmethod
+    def GetDatasetPolicy(
+        self,
+        request: _deid_pb2.GetDatasetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deid_pb2.GetDatasetPolicyResponse, _abc.Awaitable[_deid_pb2.GetDatasetPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetDatasetPolicy(
+        self,
+        request: _deid_pb2.SetDatasetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deid_pb2.SetDatasetPolicyResponse, _abc.Awaitable[_deid_pb2.SetDatasetPolicyResponse]]:
+        """Data stewards only. Fields left UNSPECIFIED (or unset) keep their current value."""
 
 def add_DeidentificationServiceServicer_to_server(servicer: DeidentificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tessera.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,23 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReviewDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_DECISION_UNSPECIFIED: _ReviewDecision.ValueType  # 0
+    REVIEW_DECISION_APPROVED: _ReviewDecision.ValueType  # 1
+    REVIEW_DECISION_REJECTED: _ReviewDecision.ValueType  # 2
+
+class ReviewDecision(_ReviewDecision, metaclass=_ReviewDecisionEnumTypeWrapper): ...
+
+REVIEW_DECISION_UNSPECIFIED: ReviewDecision.ValueType  # 0
+REVIEW_DECISION_APPROVED: ReviewDecision.ValueType  # 1
+REVIEW_DECISION_REJECTED: ReviewDecision.ValueType  # 2
+Global___ReviewDecision: _TypeAlias = ReviewDecision  # noqa: Y015
 
 @_typing.final
 class EventEnvelope(_message.Message):
@@ -63,6 +81,9 @@ class EventEnvelope(_message.Message):
     INFERENCE_COMPLETED_FIELD_NUMBER: _builtins.int
     DATASET_CREATED_FIELD_NUMBER: _builtins.int
     ACCESS_DECIDED_FIELD_NUMBER: _builtins.int
+    SLIDE_HELD_FOR_REVIEW_FIELD_NUMBER: _builtins.int
+    SLIDE_REVIEWED_FIELD_NUMBER: _builtins.int
+    QUARANTINE_ERASED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Deterministic for a (slide, stage) pair, so a redelivered or re-emitted event is
     recognised by consumers and applied once.
@@ -94,6 +115,12 @@ class EventEnvelope(_message.Message):
     def dataset_created(self) -> Global___DatasetCreated: ...
     @_builtins.property
     def access_decided(self) -> Global___AccessDecided: ...
+    @_builtins.property
+    def slide_held_for_review(self) -> Global___SlideHeldForReview: ...
+    @_builtins.property
+    def slide_reviewed(self) -> Global___SlideReviewed: ...
+    @_builtins.property
+    def quarantine_erased(self) -> Global___QuarantineErased: ...
     def __init__(
         self,
         *,
@@ -112,12 +139,15 @@ class EventEnvelope(_message.Message):
         inference_completed: Global___InferenceCompleted | None = ...,
         dataset_created: Global___DatasetCreated | None = ...,
         access_decided: Global___AccessDecided | None = ...,
+        slide_held_for_review: Global___SlideHeldForReview | None = ...,
+        slide_reviewed: Global___SlideReviewed | None = ...,
+        quarantine_erased: Global___QuarantineErased | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "slide_deidentified", b"slide_deidentified", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_tiled", b"slide_tiled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "quarantine_erased", b"quarantine_erased", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "dataset_id", b"dataset_id", "event_id", b"event_id", "event_type", b"event_type", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "schema_version", b"schema_version", "slide_deidentified", b"slide_deidentified", "slide_id", b"slide_id", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_tiled", b"slide_tiled", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "dataset_id", b"dataset_id", "event_id", b"event_id", "event_type", b"event_type", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "quarantine_erased", b"quarantine_erased", "schema_version", b"schema_version", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_id", b"slide_id", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["slide_received", "slide_deidentified", "slide_rejected", "slide_tiled", "inference_completed", "dataset_created", "access_decided"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["slide_received", "slide_deidentified", "slide_rejected", "slide_tiled", "inference_completed", "dataset_created", "access_decided", "slide_held_for_review", "slide_reviewed", "quarantine_erased"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -331,3 +361,110 @@ class AccessDecided(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AccessDecided: _TypeAlias = AccessDecided  # noqa: Y015
+
+@_typing.final
+class SlideHeldForReview(_message.Message):
+    """De-identification met metadata no rule knows; the slide stays in quarantine until a data
+    steward decides. `keys` are rule identifiers ("tiff:40001", "svs:Scanner Mode",
+    "ndpi:Foo.Bar"), never values from the file.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    reason: _builtins.str
+    detail: _builtins.str
+    round: _builtins.int
+    """1 for the first hold; a slide approved and then held again for other keys counts up."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "keys", b"keys", "reason", b"reason", "round", b"round", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlideHeldForReview: _TypeAlias = SlideHeldForReview  # noqa: Y015
+
+@_typing.final
+class SlideReviewed(_message.Message):
+    """A data steward's decision on a held slide. The rules (keys only) are stored with the
+    dataset and apply to its later slides too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    REMOVED_KEYS_FIELD_NUMBER: _builtins.int
+    KEPT_KEYS_FIELD_NUMBER: _builtins.int
+    ACCESS_DECISION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    decision: Global___ReviewDecision.ValueType
+    reviewer: _builtins.str
+    access_decision_id: _builtins.str
+    """The access-control decision that allowed it (see the audit trail)."""
+    round: _builtins.int
+    @_builtins.property
+    def removed_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def kept_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___ReviewDecision.ValueType = ...,
+        reviewer: _builtins.str = ...,
+        removed_keys: _abc.Iterable[_builtins.str] | None = ...,
+        kept_keys: _abc.Iterable[_builtins.str] | None = ...,
+        access_decision_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_decision_id", b"access_decision_id", "decision", b"decision", "kept_keys", b"kept_keys", "removed_keys", b"removed_keys", "reviewer", b"reviewer", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlideReviewed: _TypeAlias = SlideReviewed  # noqa: Y015
+
+@_typing.final
+class QuarantineErased(_message.Message):
+    """The identified original of a slide was erased from quarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ERASED_AT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """VERIFIED_COPY_STORED, RETENTION_EXPIRED, REVIEW_REJECTED, REJECTED (no de-identified
+    copy could be made).
+    """
+    @_builtins.property
+    def erased_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        erased_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantineErased: _TypeAlias = QuarantineErased  # noqa: Y015

@@ -1,0 +1,1 @@
+"""Tessera's Kubernetes operator (kopf): reconciles TesseraNode and ModelDeployment resources."""
