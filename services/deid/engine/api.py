@@ -13,6 +13,7 @@ from services.deid.engine import (
     generic_tiff,
     hamamatsu,
     macro,
+    mrxs,
     ome_tiff,
     philips,
     qptiff,
@@ -38,7 +39,7 @@ from services.deid.engine.tiff_common import (
 )
 from services.deid.engine.verify import verify
 from services.shared.pseudonym import Pseudonymizer
-from services.shared.wsi import tiff
+from services.shared.wsi import bundle, tiff
 from services.shared.wsi.sniff import (
     InvalidSlide,
     SlideFormat,
@@ -97,6 +98,39 @@ def deidentify(
         )
     return _deidentify_tiff(
         src, dst, fmt, policy, tally, info.mpp_x, info.mpp_y, info.objective_power
+    )
+
+
+def _deidentify_bundle(
+    src: Path,
+    dst: Path,
+    fmt: SlideFormat,
+    pseudonymizer: Pseudonymizer,
+    policy: DeidPolicy,
+    tally: Tally,
+) -> DeidReport:
+    """Multi-file slides (services/shared/wsi/bundle.py): MRXS, or a DICOM series."""
+    res: mrxs.MrxsResult | dicom_deid.SeriesResult
+    if fmt is SlideFormat.MIRAX:
+        res = mrxs.deidentify_mrxs_bundle(src, dst, pseudonymizer, policy, tally)
+    elif fmt is SlideFormat.DICOM_WSI:
+        res = dicom_deid.deidentify_dicom_series(src, dst, pseudonymizer, policy, tally)
+    else:
+        raise DeidRejected(UNSUPPORTED_FORMAT, f"format {fmt.value} does not come as a bundle")
+    w, h = res.level_dimensions[0]
+    return DeidReport(
+        fmt,
+        w,
+        h,
+        list(res.level_dimensions),
+        len(res.level_dimensions),
+        res.mpp_x,
+        res.mpp_y,
+        res.objective_power,
+        dict(tally.removed),
+        dict(tally.pseudonymized),
+        res.output_size,
+        tally.values,
     )
 
 
@@ -206,6 +240,9 @@ def _deidentify_tiff(
             except TiffError as exc:
                 raise DeidRejected(MALFORMED_FILE, f"{where}: {exc.reason}") from exc
             placed.append((ifd.index, macro.blank_macro(src, st, ifd, tags, policy, tally)))
+    # Every IFD was examined: items no rule knows hold the slide for review (all listed at
+    # once) and nothing is written.
+    tally.raise_for_review()
     out_ifds = [out for _i, out in sorted(placed, key=lambda p: p[0])]
     result = write_atomically(src, dst, out_ifds, st, policy)
     if mpp_x is None:
@@ -240,9 +277,6 @@ def shift_mcu_starts(
     if len(segments) != 1 or set(edits) != {0}:
         raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: NDPI level with several strips")
     head, skip = edits[0]
-    # Every IFD was examined: items no rule knows hold the slide for review (all listed at
-    # once) and nothing is written.
-    tally.raise_for_review()
     delta = skip - len(head)
     starts_tag = ifd.tags[tiff.NDPI_MCU_STARTS]
     high_tag = ifd.tags.get(65432)
