@@ -308,7 +308,12 @@ def inspect_slide(
         return inspect_bundle(p, detected, limits)
     if detected is SlideFormat.DICOM_WSI:
         return _inspect_dicom(p, limits)
-    return _inspect_tiff(p, detected, limits)
+    try:
+        return _inspect_tiff(p, detected, limits)
+    except TiffError as exc:
+        # A tag read during inspection is malformed (e.g. TileLength of a non-integer type;
+        # found by tests/fuzz): the structure's fault, not an unexpected error.
+        raise _tiff_invalid(exc) from exc
 
 
 # --- bundles (multi-file slides in one ZIP) ----------------------------------------------------
