@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
+.PHONY: viewer browser bench-serving
 .PHONY: help venv protos protos-check lint stack-up stack-down up down run status \
         test test-unit bench clean
 
@@ -44,7 +45,7 @@ stack-up: ## obtain, build (cached) and start Kafka, the S3 server and FerretDB
 stack-down: ## stop Kafka, the S3 server and FerretDB
 	deploy/local/stack.sh down
 
-up: $(STAMP) stack-up ## everything: servers, then the six services, waits until healthy
+up: $(STAMP) viewer stack-up ## everything: servers, then the six services, waits until healthy
 	$(PY) deploy/local/devstack.py up
 
 down: ## stop exactly what `make up` started
@@ -61,8 +62,18 @@ run: up ## the main job: sample slides through every service, outcome printed
 test-unit: $(STAMP) ## unit tests only (no servers)
 	$(PY) -m pytest -q tests/unit
 
-test: up ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
+test: up browser ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
 	$(PY) -m pytest -q -p no:cacheprovider tests -rs
+
+viewer: $(STAMP) ## vendor the pinned OpenSeadragon from the npm registry into the viewer (cached)
+	$(PY) services/tiling/viewer/vendor.py
+
+browser: ## Debian's chromium for the viewer's browser test (installed once, as root)
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+bench-serving: $(STAMP) ## tile serving (HTTP cold/cached, gRPC) vs raw S3 reads on the running stack
+	$(PY) scripts/bench_serving.py
 
 bench: $(STAMP) ## de-identification vs a plain copy on a generated ~1.4 GB SVS (cached in .tessera/cache/bench)
 	$(PY) scripts/bench_deid.py

@@ -135,6 +135,8 @@ def service_env(svc: Svc) -> dict[str, str]:
     if svc.name == "tiling":
         env["TESSERA_TILING__WORK_DIR"] = str(DATA / "tiling-work")
         env["TESSERA_TILING__HTTP_PORT"] = str(TILING_HTTP_PORT)
+        # the viewer's record panel reads the catalogue with the viewer's token
+        env["TESSERA_ENDPOINTS__METADATA"] = "127.0.0.1:50055"
     return env
 
 

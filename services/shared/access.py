@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +49,79 @@ class AccessChecker(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+class DecisionCache:
+    """Allow decisions remembered for a short time, per (subject, action, dataset, scope).
+
+    A viewer fetching hundreds of tiles of one slide then costs one round trip to access
+    control, and one audit record, per `ttl_s` window instead of one per tile. Only allows are
+    remembered: a denial is asked again (and audited) every time. Consequence, documented in
+    the README: a revoked or expired grant keeps working in this process for at most `ttl_s`
+    seconds. Concurrent requests of one key share a single check (and its outcome). A TTL of 0
+    asks every time.
+    """
+
+    def __init__(
+        self,
+        checker: AccessChecker,
+        ttl_s: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._checker = checker
+        self._ttl = ttl_s
+        self._max = max(1, max_entries)
+        self._clock = clock
+        self._allowed: OrderedDict[tuple[str, int, str, str], float] = OrderedDict()
+        self._pending: dict[tuple[str, int, str, str], asyncio.Future[Decision]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def require(
+        self, subject: str, action: int, dataset_id: str, scope: str, resource: str
+    ) -> None:
+        """Like `AccessChecker.require`; `resource` is what the audit record names when the
+        decision is asked (once per window)."""
+        if self._ttl <= 0:
+            self.misses += 1
+            await self._checker.require(subject, action, dataset_id, resource)
+            return
+        key = (subject, action, dataset_id, scope)
+        until = self._allowed.get(key)
+        if until is not None and until > self._clock():
+            self.hits += 1
+            return
+        self._allowed.pop(key, None)
+        pending = self._pending.get(key)
+        if pending is not None:
+            self.hits += 1
+            try:
+                await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request itself was cancelled
+                # the request that was asking went away: ask for this one
+                await self._checker.require(subject, action, dataset_id, resource)
+            return
+        self.misses += 1
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            decision = await self._checker.require(subject, action, dataset_id, resource)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark it retrieved: there may be no other waiter
+            raise
+        finally:
+            del self._pending[key]
+        future.set_result(decision)
+        self._allowed[key] = self._clock() + self._ttl
+        while len(self._allowed) > self._max:
+            self._allowed.popitem(last=False)
 
 
 class GrpcAccessChecker(AccessChecker):

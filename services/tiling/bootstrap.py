@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpc import aio
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.shared.access import AccessChecker
 from services.shared.grpc.server import Background, ServiceHost
@@ -20,9 +20,11 @@ from services.shared.settings import (
     ServiceSettings,
 )
 from services.shared.wiring import Adapters
+from services.tiling.cache import CACHE_METRICS
 from services.tiling.core import TilingStage
 from services.tiling.handlers import handlers
 from services.tiling.http import TileHttpServer
+from services.tiling.records import CatalogueRecords
 from services.tiling.servicer import TilingServicer
 from tessera.tiling.v1 import tiling_pb2, tiling_pb2_grpc
 
@@ -37,7 +39,12 @@ class TilingOptions(BaseModel):
     public_base_url: str = ""
     tile_size: int = 254
     overlap: int = 1
-    cache_bytes: int = 256 * 1024 * 1024
+    # In-process LRU of hot tiles, bounded in bytes.
+    cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Seconds an allow decision of access control is reused for viewing one slide (tiles,
+    # descriptor, thumbnail, IIIF): also the longest a revoked grant keeps working here, and
+    # the audit granularity (one record per subject, slide and window). 0 asks every request.
+    access_cache_ttl_s: float = Field(default=30.0, ge=0, le=300)
 
 
 class TilingSettings(ServiceSettings):
@@ -78,11 +85,22 @@ def bootstrap(
         tile_size=opts.tile_size,
         overlap=opts.overlap,
         cache_bytes=opts.cache_bytes,
+        access_ttl_s=opts.access_cache_ttl_s,
     )
+    CACHE_METRICS.watch(stage.cache, stage.decisions)
     a.consume(handlers(stage), on_dead_letter=stage.on_failure)
     verifier = a.verifier()
     base_url = opts.public_base_url or f"http://{opts.http_host}:{opts.http_port}"
-    http = TileHttpServer(stage, verifier, opts.http_host, opts.http_port)
+    # The viewer's record panel asks the catalogue with the viewer's own token.
+    records = CatalogueRecords(settings.endpoints.metadata) if settings.endpoints.metadata else None
+    http = TileHttpServer(
+        stage,
+        verifier,
+        opts.http_host,
+        opts.http_port,
+        records=records,
+        public_base_url=opts.public_base_url,
+    )
 
     def register(server: aio.Server) -> None:
         tiling_pb2_grpc.add_TilingServiceServicer_to_server(TilingServicer(stage, base_url), server)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.shared.access import AccessChecker, Action
+from services.shared.access import AccessChecker, Action, DecisionCache
 from services.shared.auth import Principal
 from services.shared.errors import FailedPrecondition, NotFound, OutOfRange, check_slide_id
 from services.shared.events import (
@@ -27,6 +26,7 @@ from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
 from services.shared.ports.objects import ObjectStore
 from services.shared.tempfiles import scratch_dir
+from services.tiling.cache import TileCache, TtlCache
 from services.tiling.engine import (
     DeepZoomBuilder,
     DziError,
@@ -46,42 +46,6 @@ log = logging.getLogger(__name__)
 
 UPLOAD_CONCURRENCY = 16
 BATCH = 64
-
-
-class TileCache:
-    """LRU of encoded tiles bounded by total bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max = max_bytes
-        self._size = 0
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> bytes | None:
-        data = self._items.get(key)
-        if data is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self._max // 8:
-            return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._size -= len(old)
-        self._items[key] = data
-        self._size += len(data)
-        while self._size > self._max:
-            _, evicted = self._items.popitem(last=False)
-            self._size -= len(evicted)
-
-    def drop_prefix(self, prefix: str) -> None:
-        for key in [k for k in self._items if k.startswith(prefix)]:
-            self._size -= len(self._items.pop(key))
 
 
 @dataclass(frozen=True)
@@ -111,6 +75,7 @@ class TilingStage:
         tile_size: int = 254,
         overlap: int = 1,
         cache_bytes: int = 256 * 1024 * 1024,
+        access_ttl_s: float = 0.0,
     ) -> None:
         self._objects = objects
         self._pyramids = pyramids
@@ -121,6 +86,10 @@ class TilingStage:
         self._tile_size = tile_size
         self._overlap = overlap
         self.cache = TileCache(cache_bytes)
+        # Viewing a slide (descriptor, tiles, thumbnail, IIIF) asks access control once per
+        # (subject, slide) and window; downloads are asked every time. See `DecisionCache`.
+        self.decisions = DecisionCache(access, access_ttl_s)
+        self._docs: TtlCache[str, dict[str, Any]] = TtlCache(access_ttl_s, 10_000)
         self._geometry: dict[str, tuple[str, DziGeometry]] = {}
 
     async def ensure_ready(self) -> None:
@@ -278,14 +247,29 @@ class TilingStage:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def _pyramid(self, caller: Principal, slide_id: str, resource: str) -> dict[str, Any]:
+    async def _pyramid(
+        self, caller: Principal, slide_id: str, resource: str, *, view: bool = False
+    ) -> dict[str, Any]:
         check_slide_id(slide_id)
-        doc = await self._pyramids.get(slide_id)
+        doc = self._docs.get(slide_id) if view else None
         if doc is None:
-            raise NotFound("no pyramid for this slide (unknown, or not tiled yet)", "NOT_TILED")
-        await self._access.require(
-            caller.subject, Action.ACTION_READ_PIXELS, doc["dataset_id"], resource
-        )
+            doc = await self._pyramids.get(slide_id)
+            if doc is None:
+                raise NotFound("no pyramid for this slide (unknown, or not tiled yet)", "NOT_TILED")
+            if view and doc.get("state") == "TILED":
+                self._docs.put(slide_id, doc)
+        if view:
+            await self.decisions.require(
+                caller.subject,
+                Action.ACTION_READ_PIXELS,
+                doc["dataset_id"],
+                slide_id,
+                f"slide/{slide_id}/view",
+            )
+        else:
+            await self._access.require(
+                caller.subject, Action.ACTION_READ_PIXELS, doc["dataset_id"], resource
+            )
         if doc.get("state") != "TILED":
             raise FailedPrecondition(
                 f"the slide was rejected by tiling ({doc.get('reason', 'UNKNOWN')})",
@@ -302,30 +286,29 @@ class TilingStage:
         return cached
 
     async def descriptor(self, caller: Principal, slide_id: str) -> PyramidView:
-        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/dzi")
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/dzi", view=True)
         xml, geom = await self._geometry_of(doc)
         return PyramidView(slide_id, xml, geom)
 
     async def tile(
         self, caller: Principal, slide_id: str, level: int, col: int, row: int
     ) -> TileData:
-        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/tile/{level}/{col}_{row}")
+        doc = await self._pyramid(
+            caller, slide_id, f"slide/{slide_id}/tile/{level}/{col}_{row}", view=True
+        )
         _, geom = await self._geometry_of(doc)
         try:
             geom.check(level, col, row)
         except DziError as exc:
             raise OutOfRange(str(exc), "TILE_OUT_OF_RANGE") from None
         key = tile_key(slide_id, level, col, row, geom.format)
-        data = self.cache.get(key)
-        if data is None:
-            data = await self._objects.get_bytes(doc["bucket"], key)
-            self.cache.put(key, data)
-        return TileData(
-            data, geom.content_type, hashlib.sha1(data, usedforsecurity=False).hexdigest()
-        )
+        blob = self.cache.get(key)
+        if blob is None:
+            blob = self.cache.put(key, await self._objects.get_bytes(doc["bucket"], key))
+        return TileData(blob.data, geom.content_type, blob.etag)
 
     async def thumbnail(self, caller: Principal, slide_id: str) -> TileData:
-        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/thumbnail")
+        doc = await self._pyramid(caller, slide_id, f"slide/{slide_id}/thumbnail", view=True)
         data = await self._objects.get_bytes(doc["bucket"], doc["thumbnail_key"])
         return TileData(data, "image/jpeg", hashlib.sha1(data, usedforsecurity=False).hexdigest())
 
