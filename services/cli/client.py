@@ -17,6 +17,7 @@ from services.shared.digest import file_sha256
 from services.shared.grpc.client import open_channel
 from tessera.access.v1 import access_pb2, access_pb2_grpc
 from tessera.common.v1 import common_pb2
+from tessera.deid.v1 import deid_pb2_grpc
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from tessera.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 from tessera.serving.v1 import serving_pb2_grpc
@@ -32,6 +33,8 @@ DEFAULT_PORTS = {
 }
 CHUNK = 1024 * 1024
 TERMINAL = {common_pb2.SLIDE_STATUS_READY, common_pb2.SLIDE_STATUS_REJECTED}
+# Where waiting stops: a final status, or a slide held for a data steward's review.
+SETTLED: frozenset[int] = frozenset(TERMINAL | {common_pb2.SLIDE_STATUS_NEEDS_REVIEW})
 
 
 def endpoint(name: str) -> str:
@@ -91,6 +94,10 @@ class TesseraClient:
         return self._ch(name)
 
     # -- access ---------------------------------------------------------------------------
+    @property
+    def deid(self) -> deid_pb2_grpc.DeidentificationServiceStub:
+        return deid_pb2_grpc.DeidentificationServiceStub(self._ch("deid"))
+
 
     async def create_dataset(self, dataset_id: str, name: str = "", description: str = "") -> None:
         await self.access.CreateDataset(
@@ -156,15 +163,18 @@ class TesseraClient:
                 resp.slide_id, resp.upload_id, resp.format, resp.duplicate, attempt
             )
 
-    async def wait(self, slide_id: str, timeout_s: float = 300) -> metadata_pb2.Slide:
-        """Poll the catalogue until the slide is READY or REJECTED."""
+    async def wait(
+        self, slide_id: str, timeout_s: float = 300, until: frozenset[int] = SETTLED
+    ) -> metadata_pb2.Slide:
+        """Poll the catalogue until the slide is READY or REJECTED, or held for review
+        (NEEDS_REVIEW: it waits on a person)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         last: metadata_pb2.Slide | None = None
         while True:
             try:
                 resp = await self.metadata.GetSlide(metadata_pb2.GetSlideRequest(slide_id=slide_id))
                 last = resp.slide
-                if last.status in TERMINAL:
+                if last.status in until:
                     return last
             except aio.AioRpcError as exc:
                 if exc.code() != StatusCode.NOT_FOUND:

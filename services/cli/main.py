@@ -26,6 +26,7 @@ from tessera.access.v1 import access_pb2
 from tessera.common.v1 import common_pb2
 from tessera.metadata.v1 import metadata_pb2
 from tessera.serving.v1 import serving_pb2
+from tessera.deid.v1 import deid_pb2
 from tessera.tiling.v1 import tiling_pb2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +41,13 @@ EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
 
 
+EXIT_NEEDS_REVIEW = 5
+
+MACRO_POLICIES = {
+    "remove": deid_pb2.MACRO_POLICY_REMOVE,
+    "keep-label-blanked": deid_pb2.MACRO_POLICY_KEEP_LABEL_BLANKED,
+}
+DATE_POLICIES = {"remove": deid_pb2.DATE_POLICY_REMOVE, "year-only": deid_pb2.DATE_POLICY_YEAR_ONLY}
 class ExitCode(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
@@ -140,8 +148,124 @@ async def cmd_upload(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
 
 async def cmd_status(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
     s = (await c.metadata.GetSlide(metadata_pb2.GetSlideRequest(slide_id=a.slide))).slide
-    out.emit(_dict(s), slide_text(s))
+    text = slide_text(s)
+    if s.status == common_pb2.SLIDE_STATUS_NEEDS_REVIEW:
+        held = await _held_text(c, s.slide_id)
+        text += ("\n" + held) if held else ""
+    out.emit(_dict(s), text)
 
+
+def _ts_text(ts: Any) -> str:
+    return ts.ToDatetime().isoformat(timespec="seconds") + "Z"
+
+
+def _review_text(r: deid_pb2.Review) -> str:
+    lines = [f"{r.slide_id}  {r.dataset_id}  held {_ts_text(r.held_at)}  round {r.round}"]
+    lines += [f"    {i.key}  ({i.reason}, {i.where})" for i in r.items]
+    return "\n".join(lines)
+
+
+async def cmd_review_list(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.deid.ListReviews(
+        deid_pb2.ListReviewsRequest(dataset_id=a.dataset or "", page_size=a.limit)
+    )
+    text = "\n".join(_review_text(x) for x in r.reviews) or "no slide is held for review"
+    out.emit(_dict(r), text)
+
+
+async def cmd_review_approve(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    rules = [deid_pb2.Rule(key=k, action=deid_pb2.RULE_ACTION_REMOVE) for k in a.remove or []]
+    rules += [deid_pb2.Rule(key=k, action=deid_pb2.RULE_ACTION_KEEP) for k in a.keep or []]
+    if not rules:
+        raise SystemExit("error: name a rule for every held key: --remove KEY / --keep KEY")
+    r = await c.deid.ApproveSlide(deid_pb2.ApproveSlideRequest(slide_id=a.slide, rules=rules))
+    outcome = deid_pb2.DeidOutcome.Name(r.outcome).removeprefix("DEID_OUTCOME_")
+    text = f"{r.slide_id}  {outcome}" + (f"  {r.reason}: {r.detail}" if r.reason else "")
+    text += "".join(f"\n    {i.key}  ({i.reason}, {i.where})" for i in r.review_items)
+    out.emit(_dict(r), text)
+    if r.outcome == deid_pb2.DEID_OUTCOME_REJECTED:
+        raise ExitCode(EXIT_REJECTED)
+    if r.outcome == deid_pb2.DEID_OUTCOME_NEEDS_REVIEW:
+        raise ExitCode(EXIT_NEEDS_REVIEW)
+
+
+async def cmd_review_reject(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.deid.RejectSlide(deid_pb2.RejectSlideRequest(slide_id=a.slide))
+    erased = _ts_text(r.quarantine_erased_at) if r.HasField("quarantine_erased_at") else "pending"
+    out.emit(_dict(r), f"{r.slide_id}  REJECTED; raw copy erased {erased}")
+
+
+async def cmd_review_show(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    r = await c.deid.GetDeidentificationReport(
+        deid_pb2.GetDeidentificationReportRequest(slide_id=a.slide)
+    )
+    lines = [
+        f"slide     {r.slide_id}",
+        f"outcome   {deid_pb2.DeidOutcome.Name(r.outcome).removeprefix('DEID_OUTCOME_')}",
+    ]
+    if r.reason:
+        lines.append(f"reason    {r.reason}: {r.detail}")
+    lines += [f"held      {i.key}  ({i.reason}, {i.where})" for i in r.review_items]
+    if r.HasField("quarantine_erased_at"):
+        lines.append(
+            f"raw copy  erased {_ts_text(r.quarantine_erased_at)} ({r.quarantine_erasure_reason})"
+        )
+    elif r.HasField("quarantine_erase_after"):
+        lines.append(f"raw copy  in quarantine until {_ts_text(r.quarantine_erase_after)}")
+    else:
+        lines.append("raw copy  in quarantine until a decision")
+    if r.summary.removed:
+        removed = ", ".join(f"{k} x{v}" for k, v in sorted(r.summary.removed.items()))
+        lines.append(f"removed   {removed}")
+    out.emit(_dict(r), "\n".join(lines))
+
+
+def _policy_text(p: deid_pb2.DatasetPolicy) -> str:
+    macro = deid_pb2.MacroPolicy.Name(p.macro).removeprefix("MACRO_POLICY_")
+    dates = deid_pb2.DatePolicy.Name(p.dates).removeprefix("DATE_POLICY_")
+    lines = [
+        f"dataset   {p.dataset_id}",
+        f"macro     {macro}",
+        f"dates     {dates}",
+        f"retention {p.quarantine_retention_hours} h"
+        + (" (raw copy erased at once)" if not p.quarantine_retention_hours else ""),
+    ]
+    for r in p.rules:
+        action = deid_pb2.RuleAction.Name(r.action).removeprefix("RULE_ACTION_")
+        lines.append(
+            f"rule      {r.key} -> {action}  (by {r.approved_by}, {_ts_text(r.approved_at)})"
+        )
+    return "\n".join(lines)
+
+
+def _policy_request(
+    a: argparse.Namespace, dataset_id: str
+) -> deid_pb2.SetDatasetPolicyRequest | None:
+    if a.macro is None and a.dates is None and a.retention_hours is None:
+        return None
+    req = deid_pb2.SetDatasetPolicyRequest(
+        dataset_id=dataset_id,
+        macro=MACRO_POLICIES.get(a.macro or "", 0),  # type: ignore[arg-type]
+        dates=DATE_POLICIES.get(a.dates or "", 0),  # type: ignore[arg-type]
+    )
+    if a.retention_hours is not None:
+        req.quarantine_retention_hours = a.retention_hours
+    return req
+
+
+async def cmd_policy(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
+    req = _policy_request(a, a.dataset)
+    if req is None:
+        get = deid_pb2.GetDatasetPolicyRequest(dataset_id=a.dataset)
+        policy = (await c.deid.GetDatasetPolicy(get)).policy
+    else:
+        policy = (await c.deid.SetDatasetPolicy(req)).policy
+    out.emit(_dict(policy), _policy_text(policy))
+
+        if slide.status == common_pb2.SLIDE_STATUS_NEEDS_REVIEW:
+            text += "\n" + await _held_text(c, res.slide_id)
+            out.emit(data, text + "\nheld for a data steward's review (tessera review list)")
+            raise ExitCode(EXIT_NEEDS_REVIEW)
 
 async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
     req = metadata_pb2.SearchSlidesRequest(
@@ -149,6 +273,13 @@ async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         stain=a.stain or "",
         organ=a.organ or "",
         species=a.species or "",
+async def _held_text(c: TesseraClient, slide_id: str) -> str:
+    r = await c.deid.GetDeidentificationReport(
+        deid_pb2.GetDeidentificationReportRequest(slide_id=slide_id)
+    )
+    return "\n".join(f"held      {i.key}  ({i.reason}, {i.where})" for i in r.review_items)
+
+
         status=STATUSES.get(a.status or "", 0),  # type: ignore[arg-type]
         case_id=a.case_id or "",
         page_size=a.page_size,
@@ -200,7 +331,15 @@ async def cmd_dataset(c: TesseraClient, a: argparse.Namespace, out: Output) -> N
             dataset_id=a.dataset_id, name=a.name or "", description=a.description or ""
         )
     )
-    out.emit(_dict(r.dataset), f"created dataset {r.dataset.dataset_id}")
+    text = f"created dataset {r.dataset.dataset_id}"
+    data = _dict(r.dataset)
+    req = _policy_request(a, r.dataset.dataset_id)
+    if req is not None:
+        # the creator holds the steward role on the new dataset, so it may set the policy
+        p = (await c.deid.SetDatasetPolicy(req)).policy
+        data["deid_policy"] = _dict(p)
+        text += "\n" + _policy_text(p)
+    out.emit(data, text)
 
 
 async def cmd_grant(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
@@ -336,12 +475,58 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("revoke", parents=[common], help="revoke a subject's role(s)")
     s.add_argument("dataset")
+    def policy_options(s: argparse.ArgumentParser) -> None:
+        s.add_argument(
+            "--macro",
+            choices=sorted(MACRO_POLICIES),
+            help="slide overview: remove (default) or keep with the label end blanked",
+        )
+        s.add_argument(
+            "--dates", choices=sorted(DATE_POLICIES), help="remove (default) or year-only"
+        )
+        s.add_argument(
+            "--retention-hours",
+            type=int,
+            help="hours the identified original stays in quarantine after the outcome "
+            "(default 0: erased at once)",
+        )
+
     s.add_argument("subject")
     s.add_argument("role", nargs="?", choices=sorted(ROLES))
     s.set_defaults(run=cmd_revoke)
 
+    policy_options(s)
     s = sub.add_parser("infer", parents=[common], help="run a model on a slide")
     s.add_argument("slide")
+    s = sub.add_parser(
+        "policy", parents=[common], help="show or set a dataset's de-identification policy"
+    )
+    s.add_argument("dataset")
+    policy_options(s)
+    s.set_defaults(run=cmd_policy)
+
+    s = sub.add_parser("review", help="slides held for a data steward's review")
+    rsub = s.add_subparsers(dest="review_command", required=True)
+    r = rsub.add_parser("list", parents=[common], help="held slides of datasets you steward")
+    r.add_argument("--dataset")
+    r.add_argument("--limit", type=int, default=100)
+    r.set_defaults(run=cmd_review_list)
+    r = rsub.add_parser(
+        "approve",
+        parents=[common],
+        help="approve a held slide with a rule per held key; the rules stay with the dataset",
+    )
+    r.add_argument("slide")
+    r.add_argument("--remove", action="append", metavar="KEY", help="drop this key (repeatable)")
+    r.add_argument("--keep", action="append", metavar="KEY", help="keep this key (repeatable)")
+    r.set_defaults(run=cmd_review_approve)
+    r = rsub.add_parser("reject", parents=[common], help="reject a held slide (raw copy erased)")
+    r.add_argument("slide")
+    r.set_defaults(run=cmd_review_reject)
+    r = rsub.add_parser("show", parents=[common], help="a slide's de-identification report")
+    r.add_argument("slide")
+    r.set_defaults(run=cmd_review_show)
+
     s.add_argument("--model")
     s.add_argument("--version")
     s.set_defaults(run=cmd_infer)
