@@ -30,6 +30,7 @@ from typing import Any
 
 from services.deid.engine import DeidNeedsReview, DeidPolicy, DeidRejected, deidentify, verify
 from services.deid.engine.model import RULE_KEEP, RULE_KEY, RULE_REMOVE, ReviewItem
+from services.shared import metrics
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.counts import from_entries, to_entries
@@ -280,6 +281,7 @@ class DeidStage:
             **self._erasure_due(now, ds.retention_hours, ERASED_VERIFIED),
         }
         await self._jobs.update({"_id": slide_id}, set_fields=job, upsert=True)
+        metrics.DEID_OUTCOMES.labels(DEIDENTIFIED, "OK").inc()
         await self._announce(job)
         await self._settle_quarantine(job)
         log.info("slide de-identified", extra={"slide_id": slide_id, "outcome": DEIDENTIFIED})
@@ -306,6 +308,7 @@ class DeidStage:
             ds = await self.dataset_policy(env.dataset_id)
             fields |= self._erasure_due(now, ds.retention_hours, ERASED_REJECTED)
         await self._jobs.update({"_id": env.slide_id}, set_fields=fields, upsert=True)
+        metrics.DEID_OUTCOMES.labels("FAILED", reason).inc()  # dead-lettered
         await publish_stage_failure(
             self._outbox, "deidentification", "deid-outcome", env, reason, detail
         )
@@ -340,6 +343,7 @@ class DeidStage:
         if applied is not None:
             job["applied_policy"] = applied
         await self._jobs.update({"_id": base["_id"]}, set_fields=job, upsert=True)
+        metrics.DEID_OUTCOMES.labels(REJECTED, reason).inc()
         await self._announce(job)
         await self._settle_quarantine(job)
         log.info("slide rejected", extra={"slide_id": base["_id"], "reason": reason})
@@ -366,6 +370,7 @@ class DeidStage:
             "applied_policy": applied,
         }
         await self._jobs.update({"_id": base["_id"]}, set_fields=job, upsert=True)
+        metrics.DEID_OUTCOMES.labels(NEEDS_REVIEW, job["reason"]).inc()
         await self._announce(job)
         log.info(
             "slide held for review",

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.shared import metrics, telemetry
 from services.shared.errors import PermanentEventError, TesseraError, Unavailable, is_outage
-from services.shared.ports.bus import Message, MessageBus, Publisher
+from services.shared.ports.bus import Message, MessageBus, Publisher, Subscription
 from tessera.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ class EventRunner:
         self._stopping = asyncio.Event()
         self._tracer = telemetry.tracer(__name__)
         self.ready = asyncio.Event()
+        self._lag_reported_at = float("-inf")
+        self._lag_labels: set[tuple[str, str, str]] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -224,6 +226,7 @@ class EventRunner:
         self.ready.set()
         try:
             while not self._stopping.is_set():
+                await self._report_lag(sub)
                 batch = await sub.fetch(timeout_s=0.5)
                 for msg in batch:
                     if self._stopping.is_set():
@@ -232,6 +235,7 @@ class EventRunner:
                     if not done:
                         return True
                     await sub.commit(msg)
+                    await self._report_lag(sub)
             return True
         finally:
             with contextlib.suppress(Exception):
@@ -317,6 +321,27 @@ class EventRunner:
                 return True
             if await self._sleep_or_stop(self._retry.delay(attempt)):
                 return False  # stopping: leave uncommitted
+
+    async def _report_lag(self, sub: Subscription, every_s: float = 5.0) -> None:
+        """Consumer lag per owned partition into `tessera_consumer_lag`, every `every_s`."""
+        now = time.monotonic()
+        if now - self._lag_reported_at < every_s:
+            return
+        self._lag_reported_at = now
+        try:
+            lag = await asyncio.wait_for(sub.lag(), 2.0)  # never hold up consumption
+        except Exception as exc:  # noqa: BLE001 - a metric must never stop consumption
+            log.debug("consumer lag unavailable", extra={"reason": type(exc).__name__})
+            return
+        seen = set()
+        for (topic, partition), value in lag.items():
+            labels = (self._service, topic, str(partition))
+            metrics.CONSUMER_LAG.labels(*labels).set(value)
+            seen.add(labels)
+        for labels in self._lag_labels - seen:  # partitions this member no longer owns
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(*labels)
+        self._lag_labels = seen
 
     async def _notify(self, envelope: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
         if self._on_dead_letter is None:

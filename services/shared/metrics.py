@@ -31,4 +31,14 @@ DEAD_LETTERS = Counter(
     "Events parked in a dead-letter topic",
     ["service", "topic", "reason"],
 )
+CONSUMER_LAG = Gauge(
+    "tessera_consumer_lag",
+    "Messages in a partition the consumer group has not committed yet",
+    ["service", "topic", "partition"],
+)
+DEID_OUTCOMES = Counter(
+    "tessera_deid_outcomes_total",
+    "De-identification outcomes (reason: a stable code, OK when de-identified)",
+    ["outcome", "reason"],
+)
 SERVICE_UP = Gauge("tessera_service_ready", "1 when the service is serving", ["service"])

@@ -204,10 +204,13 @@ class KafkaSubscription(Subscription):
         self._consumer: AIOKafkaConsumer | None = None
         # next offset this member has committed, per partition it currently owns
         self._committed: dict[TopicPartition, int] = {}
+        # the group's committed offset when a partition was assigned (for `lag` only)
+        self._group_committed: dict[TopicPartition, int] = {}
 
     def _forget(self, partitions: Any) -> None:
         for tp in partitions:
             self._committed.pop(tp, None)
+            self._group_committed.pop(tp, None)
         log.debug("group %s: revoked %s", self.group, list(partitions))
 
     async def start(self) -> None:
@@ -235,6 +238,7 @@ class KafkaSubscription(Subscription):
     async def stop(self) -> None:
         consumer, self._consumer = self._consumer, None
         self._committed.clear()
+        self._group_committed.clear()
         if consumer is not None:
             await consumer.stop()  # leaves the group; nothing is auto-committed
 
@@ -293,3 +297,25 @@ class KafkaSubscription(Subscription):
             )
             return
         self._committed[tp] = nxt
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """High watermark (from the latest fetch responses) minus the group's committed
+        offset; the committed offset is asked of the broker once per partition, then
+        tracked from this member's own commits."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            nxt = self._committed.get(tp)
+            if nxt is None:
+                nxt = self._group_committed.get(tp)
+            if nxt is None:
+                committed = await consumer.committed(tp)
+                nxt = committed if committed is not None else 0
+                self._group_committed[tp] = nxt
+            out[(tp.topic, tp.partition)] = max(0, high - nxt)
+        return out

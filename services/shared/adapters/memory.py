@@ -299,6 +299,13 @@ class _MemorySubscription(Subscription):
         grp.committed[tp] = nxt
         await asyncio.sleep(0)
 
+    async def lag(self) -> dict[tuple[str, int], int]:
+        grp = self._bus._group(self.group)
+        return {
+            tp: max(0, len(self._bus._topics[tp[0]][tp[1]]) - grp.committed.get(tp, 0))
+            for tp in self._positions
+        }
+
 
 # ---------------------------------------------------------------------------------------------
 # Object store

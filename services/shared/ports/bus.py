@@ -68,6 +68,11 @@ class Subscription(abc.ABC):
     async def commit(self, message: Message) -> None:
         """Mark `message` and everything before it in its partition as processed."""
 
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Messages not yet committed by the group, per (topic, partition) this member owns
+        (as far as the client knows; partitions it knows nothing about yet are left out)."""
+        return {}
+
 
 class MessageBus(abc.ABC):
     """Factory of publishers and subscriptions, plus topic administration."""
