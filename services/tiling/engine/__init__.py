@@ -4,6 +4,7 @@ local slide files (any format OpenSlide opens), plus the DZI geometry / object-k
 All functions are synchronous CPU work; run them in a thread or process pool.
 """
 
+from .builder import open_builder
 from .deepzoom import (
     PLACEHOLDER_COLOUR,
     DeepZoomBuilder,
@@ -12,6 +13,7 @@ from .deepzoom import (
     TilePosition,
     build_dzi_to_directory,
 )
+from .dicom_export import DicomSeries, export_dicom
 from .geometry import (
     CONTENT_TYPES,
     DESCRIPTOR_NAME,
@@ -31,6 +33,7 @@ from .geometry import (
     tile_relative_path,
     validate_slide_id,
 )
+from .pyramid import TiffPyramidBuilder, open_tiff_pyramid
 from .slide import (
     SlideOpenError,
     SlideReadError,
@@ -49,20 +52,25 @@ __all__ = [
     "TILES_DIR_NAME",
     "DeepZoomBuilder",
     "DescriptorError",
+    "DicomSeries",
     "DziBuildSummary",
     "DziError",
     "DziGeometry",
     "InvalidTileAddressError",
     "SlideOpenError",
     "SlideReadError",
+    "TiffPyramidBuilder",
     "Tile",
     "TileAddress",
     "TileOutOfRangeError",
     "TilePosition",
     "build_dzi_to_directory",
     "dzi_object_keys",
+    "export_dicom",
     "make_thumbnail",
+    "open_builder",
     "open_slide",
+    "open_tiff_pyramid",
     "parse_tile_path",
     "read_low_res_rgb",
     "slide_properties",
