@@ -105,7 +105,7 @@ def _safe_name(raw: str, limits: BundleLimits) -> PurePosixPath:
 
 def _is_special(info: zipfile.ZipInfo) -> bool:
     mode = (info.external_attr >> 16) & 0xFFFF
-    if not mode or info.create_system != 3:  # not a Unix mode: plain file or directory
+    if info.create_system != 3 or not stat.S_IFMT(mode):  # no Unix file type: plain
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 

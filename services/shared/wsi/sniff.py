@@ -292,6 +292,8 @@ def inspect_slide(
     """Validate the slide structure cheaply and describe it; raise :class:`InvalidSlide`."""
     limits = limits or SlideLimits()
     p = Path(path)
+    if bundle.is_zip(p):
+        return inspect_bundle(p, fmt, limits)
     try:
         detected = sniff_file(p)
     except OSError as exc:
@@ -304,8 +306,6 @@ def inspect_slide(
         )
     if not detected.supported:
         raise InvalidSlide(UNSUPPORTED_FORMAT, f"format {detected.value} is not supported")
-    if bundle.is_zip(p):
-        return inspect_bundle(p, detected, limits)
     if detected is SlideFormat.DICOM_WSI:
         return _inspect_dicom(p, limits)
     try:
@@ -329,13 +329,19 @@ def _bundle_invalid(exc: bundle.BundleError) -> InvalidSlide:
     return InvalidSlide(exc.reason, exc.message)
 
 
-def inspect_bundle(path: Path, fmt: SlideFormat, limits: SlideLimits) -> SlideInfo:
+def inspect_bundle(path: Path, fmt: SlideFormat | None, limits: SlideLimits) -> SlideInfo:
     """Validate a bundle (safe ZIP, one MRXS slide or one DICOM series) without keeping it
     unpacked: MRXS geometry comes from Slidedat.ini; DICOM instances are inspected one by
-    one from a scratch copy next to the bundle."""
+    one from a scratch copy next to the bundle. Bundle problems keep their own reason codes
+    (UNSAFE_BUNDLE, BUNDLE_TOO_LARGE, MISSING_SLIDEDAT, MIXED_SERIES...)."""
     try:
         lay = bundle.layout(path)
         size = path.stat().st_size
+        detected = SlideFormat.MIRAX if lay.kind == bundle.KIND_MRXS else SlideFormat.DICOM_WSI
+        if fmt is not None and fmt is not detected:
+            raise InvalidSlide(
+                FORMAT_MISMATCH, f"declared format {fmt.value} but content is {detected.value}"
+            )
         if lay.kind == bundle.KIND_MRXS:
             ini_member = next(m for m in lay.members if m.name == f"{lay.data_dir}/Slidedat.ini")
             ini = bundle.parse_ini(bundle.read_member(path, ini_member, bundle.SLIDEDAT_MAX_BYTES))
