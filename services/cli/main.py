@@ -24,9 +24,9 @@ from services.cli.client import TesseraClient
 from services.shared.grpc.interceptors import REASON_KEY
 from tessera.access.v1 import access_pb2
 from tessera.common.v1 import common_pb2
+from tessera.deid.v1 import deid_pb2
 from tessera.metadata.v1 import metadata_pb2
 from tessera.serving.v1 import serving_pb2
-from tessera.deid.v1 import deid_pb2
 from tessera.tiling.v1 import tiling_pb2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,8 +39,6 @@ STATUSES = {
 
 EXIT_REJECTED = 3
 EXIT_TIMEOUT = 4
-
-
 EXIT_NEEDS_REVIEW = 5
 
 MACRO_POLICIES = {
@@ -48,6 +46,8 @@ MACRO_POLICIES = {
     "keep-label-blanked": deid_pb2.MACRO_POLICY_KEEP_LABEL_BLANKED,
 }
 DATE_POLICIES = {"remove": deid_pb2.DATE_POLICY_REMOVE, "year-only": deid_pb2.DATE_POLICY_YEAR_ONLY}
+
+
 class ExitCode(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
@@ -139,11 +139,22 @@ async def cmd_upload(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         if slide.status == common_pb2.SLIDE_STATUS_REJECTED:
             out.emit(data, text)
             raise ExitCode(EXIT_REJECTED)
+        if slide.status == common_pb2.SLIDE_STATUS_NEEDS_REVIEW:
+            text += "\n" + await _held_text(c, res.slide_id)
+            out.emit(data, text + "\nheld for a data steward's review (tessera review list)")
+            raise ExitCode(EXIT_NEEDS_REVIEW)
         if slide.status != common_pb2.SLIDE_STATUS_READY:
             data["timed_out"] = True
             out.emit(data, text + f"\nnot finished after {a.timeout:g} s (still processing)")
             raise ExitCode(EXIT_TIMEOUT)
     out.emit(data, text)
+
+
+async def _held_text(c: TesseraClient, slide_id: str) -> str:
+    r = await c.deid.GetDeidentificationReport(
+        deid_pb2.GetDeidentificationReportRequest(slide_id=slide_id)
+    )
+    return "\n".join(f"held      {i.key}  ({i.reason}, {i.where})" for i in r.review_items)
 
 
 async def cmd_status(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
@@ -262,10 +273,6 @@ async def cmd_policy(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         policy = (await c.deid.SetDatasetPolicy(req)).policy
     out.emit(_dict(policy), _policy_text(policy))
 
-        if slide.status == common_pb2.SLIDE_STATUS_NEEDS_REVIEW:
-            text += "\n" + await _held_text(c, res.slide_id)
-            out.emit(data, text + "\nheld for a data steward's review (tessera review list)")
-            raise ExitCode(EXIT_NEEDS_REVIEW)
 
 async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> None:
     req = metadata_pb2.SearchSlidesRequest(
@@ -273,13 +280,6 @@ async def cmd_search(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         stain=a.stain or "",
         organ=a.organ or "",
         species=a.species or "",
-async def _held_text(c: TesseraClient, slide_id: str) -> str:
-    r = await c.deid.GetDeidentificationReport(
-        deid_pb2.GetDeidentificationReportRequest(slide_id=slide_id)
-    )
-    return "\n".join(f"held      {i.key}  ({i.reason}, {i.where})" for i in r.review_items)
-
-
         status=STATUSES.get(a.status or "", 0),  # type: ignore[arg-type]
         case_id=a.case_id or "",
         page_size=a.page_size,
@@ -459,22 +459,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("slide")
     s.set_defaults(run=cmd_dzi)
 
-    s = sub.add_parser("dataset", parents=[common], help="create a dataset (admin)")
-    s.add_argument("dataset_id")
-    s.add_argument("--name")
-    s.add_argument("--description")
-    s.set_defaults(run=cmd_dataset)
-
-    s = sub.add_parser("grant", parents=[common], help="grant a role on a dataset")
-    s.add_argument("dataset")
-    s.add_argument("subject")
-    s.add_argument("role", choices=sorted(ROLES))
-    s.add_argument("--days", type=float, default=30)
-    s.add_argument("--purpose")
-    s.set_defaults(run=cmd_grant)
-
-    s = sub.add_parser("revoke", parents=[common], help="revoke a subject's role(s)")
-    s.add_argument("dataset")
     def policy_options(s: argparse.ArgumentParser) -> None:
         s.add_argument(
             "--macro",
@@ -491,13 +475,13 @@ def parser() -> argparse.ArgumentParser:
             "(default 0: erased at once)",
         )
 
-    s.add_argument("subject")
-    s.add_argument("role", nargs="?", choices=sorted(ROLES))
-    s.set_defaults(run=cmd_revoke)
-
+    s = sub.add_parser("dataset", parents=[common], help="create a dataset (admin)")
+    s.add_argument("dataset_id")
+    s.add_argument("--name")
+    s.add_argument("--description")
     policy_options(s)
-    s = sub.add_parser("infer", parents=[common], help="run a model on a slide")
-    s.add_argument("slide")
+    s.set_defaults(run=cmd_dataset)
+
     s = sub.add_parser(
         "policy", parents=[common], help="show or set a dataset's de-identification policy"
     )
@@ -527,6 +511,22 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("slide")
     r.set_defaults(run=cmd_review_show)
 
+    s = sub.add_parser("grant", parents=[common], help="grant a role on a dataset")
+    s.add_argument("dataset")
+    s.add_argument("subject")
+    s.add_argument("role", choices=sorted(ROLES))
+    s.add_argument("--days", type=float, default=30)
+    s.add_argument("--purpose")
+    s.set_defaults(run=cmd_grant)
+
+    s = sub.add_parser("revoke", parents=[common], help="revoke a subject's role(s)")
+    s.add_argument("dataset")
+    s.add_argument("subject")
+    s.add_argument("role", nargs="?", choices=sorted(ROLES))
+    s.set_defaults(run=cmd_revoke)
+
+    s = sub.add_parser("infer", parents=[common], help="run a model on a slide")
+    s.add_argument("slide")
     s.add_argument("--model")
     s.add_argument("--version")
     s.set_defaults(run=cmd_infer)
