@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from grpc import aio
 
 from services.cli.client import TesseraClient
 from services.shared.grpc.interceptors import REASON_KEY
+from services.shared.wsi import bundle
 from tessera.access.v1 import access_pb2
 from tessera.common.v1 import common_pb2
 from tessera.deid.v1 import deid_pb2
@@ -123,7 +125,16 @@ async def cmd_upload(c: TesseraClient, a: argparse.Namespace, out: Output) -> No
         specimen_id=a.specimen_id or "",
         block_id=a.block_id or "",
     )
-    res = await c.upload(Path(a.file), a.dataset, md)
+    members = bundle.upload_files([Path(f) for f in a.file])
+    if members is None:
+        res = await c.upload(Path(a.file[0]), a.dataset, md)
+    else:
+        # a multi-file slide travels as one ZIP bundle; it is built deterministically, so an
+        # interrupted upload resumes (same checksum) when the command is run again
+        with tempfile.TemporaryDirectory(prefix="tessera-bundle-") as tmp:
+            zipped = Path(tmp) / "slide.zip"
+            await asyncio.to_thread(bundle.pack, zipped, members)
+            res = await c.upload(zipped, a.dataset, md)
     data: dict[str, Any] = {
         "slide_id": res.slide_id,
         "upload_id": res.upload_id,
@@ -415,7 +426,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("upload", parents=[common], help="upload a slide")
-    s.add_argument("file")
+    s.add_argument(
+        "file",
+        nargs="+",
+        help="a slide file; a .mrxs file (its folder is taken along), a directory holding "
+        "one MRXS slide or a DICOM series, or several DICOM files: sent as one ZIP bundle",
+    )
     s.add_argument("--dataset", required=True)
     for opt in (
         "--stain",

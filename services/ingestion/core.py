@@ -34,6 +34,7 @@ from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
 from services.shared.ports.objects import ObjectStore
 from services.shared.pseudonym import Pseudonymizer
+from services.shared.wsi.bundle import is_zip
 from services.shared.wsi.sniff import (
     InvalidSlide,
     SlideFormat,
@@ -59,6 +60,9 @@ SUPPORTED: dict[SlideFormat, int] = {
     # with OpenSlide, which opens none of them here: accepting them would only move the
     # rejection later. Philips TIFF is de-identified and tiled.
     SlideFormat.PHILIPS_TIFF: common_pb2.SLIDE_FORMAT_PHILIPS_TIFF,
+    # multi-file slides arrive as one ZIP bundle (services/shared/wsi/bundle.py): MRXS, and
+    # DICOM series (SLIDE_FORMAT_DICOM_WSI, like a single instance)
+    SlideFormat.MIRAX: common_pb2.SLIDE_FORMAT_MRXS,
 }
 IDENTIFIER_FIELDS = ("case_id", "patient_id", "specimen_id", "block_id")
 DESCRIPTIVE_FIELDS = ("stain", "organ", "species")
@@ -333,10 +337,12 @@ class Ingestion:
             fmt = await asyncio.to_thread(sniff_file, session.path)
         except (OSError, ValueError):
             fmt = SlideFormat.UNKNOWN
-        if fmt == SlideFormat.UNKNOWN:
+        # a ZIP is a multi-file slide bundle: inspection gives its precise rejection reason
+        bundled = await asyncio.to_thread(is_zip, session.path)
+        if fmt == SlideFormat.UNKNOWN and not bundled:
             await self._discard(session)
             raise InvalidArgument("not a recognised whole-slide image format", "UNKNOWN_FORMAT")
-        if fmt not in SUPPORTED:
+        if fmt not in SUPPORTED and not bundled:
             await self._discard(session)
             raise InvalidArgument(
                 f"format {fmt.name} is recognised but not supported yet", "UNSUPPORTED_FORMAT"
@@ -345,7 +351,8 @@ class Ingestion:
             max_side=self._limits.max_side_px, max_total_pixels=self._limits.max_pixels
         )
         try:
-            return await asyncio.to_thread(inspect_slide, session.path, fmt, limits)
+            declared = None if bundled else fmt
+            return await asyncio.to_thread(inspect_slide, session.path, declared, limits)
         except InvalidSlide as exc:
             await self._discard(session)
             raise InvalidArgument(exc.message, exc.reason) from None

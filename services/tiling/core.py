@@ -26,6 +26,7 @@ from services.shared.outbox import Outbox
 from services.shared.ports.documents import Collection
 from services.shared.ports.objects import ObjectStore
 from services.shared.tempfiles import scratch_dir
+from services.shared.wsi import bundle
 from services.tiling.cache import TileCache, TtlCache
 from services.tiling.engine import (
     DeepZoomBuilder,
@@ -111,6 +112,7 @@ class TilingStage:
             path = tmp / "slide"
             await self._objects.download_file(src.bucket, src.key, path)
             try:
+                path = await asyncio.to_thread(_unpacked_entry, path, tmp / "bundle")
                 summary = await self._build(slide_id, path)
                 thumb = await asyncio.to_thread(make_thumbnail, path, 1024)
             except (SlideOpenError, SlideReadError) as exc:
@@ -331,3 +333,17 @@ class TilingStage:
                 offset += len(data)
 
         return {**doc, "size": info.size}, chunks()
+
+
+def _unpacked_entry(path: Path, dest: Path) -> Path:
+    """The file OpenSlide opens: ``path`` itself, or - when the de-identified slide is a
+    bundle (MRXS, DICOM series: services/shared/wsi/bundle.py) - its entry file after
+    unpacking it to ``dest`` (inside the stage's scratch directory)."""
+    if not bundle.is_zip(path):
+        return path
+    try:
+        lay = bundle.layout(path)
+        bundle.extract(path, dest, lay.members)
+        return bundle.entry_point(dest)
+    except bundle.BundleError as exc:
+        raise SlideOpenError(f"cannot open slide bundle: {exc.reason}") from None

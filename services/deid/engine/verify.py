@@ -57,7 +57,7 @@ from services.deid.engine.model import (
     DeidRejected,
 )
 from services.deid.engine.tiff_common import check_icc_profile, check_jpeg_tables
-from services.shared.wsi import codestream, tiff
+from services.shared.wsi import bundle, codestream, tiff
 from services.shared.wsi.sniff import (
     DicomHeader,
     DicomStructureError,
@@ -97,6 +97,9 @@ def verify(
     """Raise :class:`DeidRejected` unless ``path`` is a clean, readable de-identified slide."""
     policy = policy or DeidPolicy()
     path = Path(path)
+    if fmt is SlideFormat.MIRAX or bundle.is_zip(path):
+        _verify_bundle(path, fmt, forbidden, policy)
+        return
     if fmt is SlideFormat.DICOM_WSI:
         regions = _verify_dicom(path, policy)
     elif fmt in _OPENSLIDE_VENDOR or fmt in _TIFF_ONLY:
@@ -710,3 +713,204 @@ def _scan_entropy(data: bytes, index: int, k: int) -> None:
         return
     if bool(((arr[:-1] == 0xFF) & _TEXT_MARKER[arr[1:]]).any()):
         raise _fail(f"IFD {index}: tile {k} carries a comment/APPn segment after its header")
+
+# --- bundles: MRXS and DICOM series ----------------------------------------------------------
+# Re-read from the output ZIP alone: names, Slidedat.ini keys against the output keep-list,
+# our own walk of Index.dat, every data-file byte either inside a kept image/record or zero,
+# the tiles' JPEG headers, OpenSlide (vendor, no associated image, a region decodes, only
+# allowed mirax.* properties); DICOM series: every instance through the single-instance
+# checks, one Study/Series/Frame of Reference UID in all, no LABEL/OVERVIEW. The forbidden
+# values are searched in every member.
+_MRXS_NAME = re.compile(r"^slide/(?:Slidedat\.ini|Index\.dat|Data\d{4}\.dat)$")
+_MRXS_LEVEL_KEYS = frozenset(
+    {
+        "OVERLAP_X", "OVERLAP_Y", "MICROMETER_PER_PIXEL_X", "MICROMETER_PER_PIXEL_Y",
+        "IMAGE_FORMAT", "IMAGE_CONCAT_FACTOR", "IMAGE_FILL_COLOR_BGR", "DIGITIZER_WIDTH",
+        "DIGITIZER_HEIGHT",
+    }
+)  # fmt: skip
+_MRXS_GENERAL_KEYS = frozenset(
+    {
+        "SLIDE_ID", "SLIDE_VERSION", "CURRENT_SLIDE_VERSION", "SLIDE_TYPE", "IMAGENUMBER_X",
+        "IMAGENUMBER_Y", "OBJECTIVE_MAGNIFICATION", "CameraImageDivisionsPerSide",
+        "OBJECTIVE_NAME", "CAMERA_TYPE", "MICROSCOPE_TYPE",
+    }
+)  # fmt: skip
+_MRXS_LAYERS = frozenset({"VIMSLIDE_POSITION_BUFFER", "StitchingIntensityLayer"})
+_MRXS_VALUE = re.compile(r"^[A-Za-z0-9 ._\-()/+,:]{0,64}$")
+
+
+def _verify_bundle(
+    path: Path, fmt: SlideFormat, forbidden: Sequence[bytes], policy: DeidPolicy
+) -> None:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".verify-", dir=path.parent))
+    try:
+        try:
+            lay = bundle.layout(path)
+            files = bundle.extract(path, tmp, lay.members)
+        except bundle.BundleError as exc:
+            raise _fail(f"output bundle: {exc.reason}") from exc
+        if fmt is SlideFormat.MIRAX and lay.kind == bundle.KIND_MRXS:
+            _verify_mrxs(tmp, files)
+        elif fmt is SlideFormat.DICOM_WSI and lay.kind == bundle.KIND_DICOM:
+            _verify_dicom_series(files, policy)
+        else:
+            raise _fail("the output bundle does not hold the input format")
+        for name in sorted(files):
+            meta = [(0, files[name].stat().st_size)] if not name.endswith(".dat") else []
+            search_forbidden(files[name], forbidden, meta, policy)
+        search_forbidden(path, forbidden, [], policy)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _verify_mrxs(root: Path, files: dict[str, Path]) -> None:
+    names = set(files)
+    if "slide.mrxs" not in names or files["slide.mrxs"].stat().st_size:
+        raise _fail("the output MRXS file is missing or not empty")
+    if not all(_MRXS_NAME.match(n) for n in names - {"slide.mrxs"}):
+        raise _fail("the output bundle holds an unexpected member")
+    try:
+        ini = bundle.parse_ini(files["slide/Slidedat.ini"].read_bytes())
+    except (bundle.BundleError, KeyError) as exc:
+        raise _fail("the output Slidedat.ini cannot be read") from exc
+    levels = {f"LAYER_0_LEVEL_{n}_SECTION" for n in range(64)}
+    for section, keys in ini.sections.items():
+        for key, value in keys.items():
+            if section == "GENERAL":
+                ok = key in _MRXS_GENERAL_KEYS
+            elif section == "HIERARCHICAL":
+                ok = bool(re.match(r"^(?:(?:NON)?HIER_|INDEXFILE$)", key))
+            elif section == "DATAFILE":
+                ok = bool(re.match(r"^FILE_(?:COUNT|\d+)$", key))
+            else:
+                ok = section in levels and key in _MRXS_LEVEL_KEYS
+            if not ok or not _MRXS_VALUE.match(value):
+                raise _fail(
+                    f"the output Slidedat.ini holds a key outside the keep-list ({section})"
+                )
+            if section == "HIERARCHICAL" and key.endswith("_NAME"):
+                if key.startswith("HIER_") and value != "Slide zoom level":
+                    raise _fail("the output holds a hierarchical layer other than the zoom levels")
+                if key.startswith("NONHIER_") and value not in _MRXS_LAYERS:
+                    raise _fail("the output holds a non-hierarchical layer other than positions")
+    spans = _mrxs_index_spans(root / "slide", ini)
+    for name, path in files.items():
+        if not name.endswith(".dat") or name == "slide/Index.dat":
+            continue
+        _check_zero_outside(path, spans.get(Path(name).name, []))
+    _check_mrxs_openslide(root / "slide.mrxs")
+
+
+def _mrxs_index_spans(folder: Path, ini: bundle.IniFile) -> dict[str, list[tuple[int, int]]]:
+    """Walk Index.dat (independently of the writer): data spans per data file name."""
+    import struct
+
+    data = (folder / (ini.get("HIERARCHICAL", "INDEXFILE") or "")).read_bytes()
+    sid = (ini.get("GENERAL", "SLIDE_ID") or "").encode()
+    if not data.startswith(b"01.02" + sid):
+        raise _fail("the output index does not start with the version and SLIDE_ID")
+
+    def ints(at: int, n: int) -> tuple[int, ...]:
+        if at < 0 or at + 4 * n > len(data):
+            raise _fail("the output index points outside itself")
+        return struct.unpack_from(f"<{n}i", data, at)
+
+    hier_root, non_root = ints(5 + len(sid), 2)
+    files = [
+        ini.get("DATAFILE", f"FILE_{i}") or "" for i in range(ini.int("DATAFILE", "FILE_COUNT"))
+    ]
+    out: dict[str, list[tuple[int, int]]] = {}
+    records = [(hier_root, n, 4) for n in range(ini.int("HIERARCHICAL", "HIER_0_COUNT"))]
+    total = sum(
+        ini.int("HIERARCHICAL", f"NONHIER_{i}_COUNT")
+        for i in range(ini.int("HIERARCHICAL", "NONHIER_COUNT"))
+    )
+    records += [(non_root, n, 5) for n in range(total)]
+    for table, n, width in records:
+        (page,) = ints(table + 4 * n, 1)
+        seen: set[int] = set()
+        while True:
+            if page in seen:
+                raise _fail("the output index has a page loop")
+            seen.add(page)
+            count, nxt = ints(page, 2)
+            body = ints(page + 8, count * width)
+            for k in range(0, len(body), width):
+                off, length, fileno = body[k + width - 3 : k + width]
+                if not 0 <= fileno < len(files):
+                    raise _fail("the output index names an unknown data file")
+                out.setdefault(files[fileno], []).append((off, off + length))
+            if not nxt:
+                break
+            page = nxt
+    return out
+
+
+def _check_zero_outside(path: Path, spans: list[tuple[int, int]]) -> None:
+    size = path.stat().st_size
+    pos = 0
+    with open(path, "rb") as fh:
+        for start, end in [*_merge(spans), (size, size)]:
+            if end > size:
+                raise _fail("an output index item runs past its data file")
+            fh.seek(pos)
+            left = start - pos
+            while left > 0:
+                chunk = fh.read(min(left, 8 << 20))
+                if not chunk or chunk.strip(b"\x00"):
+                    raise _fail("an output data file holds unreferenced non-zero bytes")
+                left -= len(chunk)
+            pos = max(pos, end)
+
+
+def _check_mrxs_openslide(path: Path) -> None:
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as exc:
+        raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot open the output") from exc
+    try:
+        if slide.properties.get("openslide.vendor") != "mirax":
+            raise _fail("OpenSlide sees a different vendor format")
+        if slide.associated_images.keys():
+            raise _fail("OpenSlide lists an associated image")
+        for key in slide.properties:
+            if key.startswith("mirax.GENERAL.") and key[14:] not in _MRXS_GENERAL_KEYS:
+                raise _fail("OpenSlide shows a Slidedat.ini key outside the keep-list")
+        w, h = slide.level_dimensions[0]
+        try:
+            slide.read_region((w // 4, h // 4), 0, (min(w // 2, 512), min(h // 2, 512)))
+        except openslide.OpenSlideError as exc:
+            raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot decode level 0") from exc
+    finally:
+        slide.close()
+
+
+def _verify_dicom_series(files: dict[str, Path], policy: DeidPolicy) -> None:
+    if not files or not all(re.match(r"^instance-\d{4}\.dcm$", n) for n in files):
+        raise _fail("the output bundle holds an unexpected member")
+    uids: set[tuple[str, str, str]] = set()
+    flavors = []
+    for name in sorted(files):
+        _verify_dicom(files[name], policy)  # every instance, as a single instance
+        ds = read_dicom_header(files[name]).dataset
+        uids.add(
+            (
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("SeriesInstanceUID", "")),
+                str(ds.get("FrameOfReferenceUID", "")),
+            )
+        )
+        it = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        flavors.append(it[2] if len(it) > 2 else "")
+        if not ds.get("DeidentificationMethodCodeSequence"):
+            raise _fail("an instance lacks Deidentification Method Code Sequence")
+    if len(uids) != 1:
+        raise _fail("the output instances do not share one study, series and frame of reference")
+    if "VOLUME" not in flavors or set(flavors) - {"VOLUME", "THUMBNAIL"}:
+        raise _fail("the output series holds an instance other than VOLUME/THUMBNAIL")
