@@ -156,7 +156,7 @@ async def model_deleted(body: Any, memo: Any, **_: Any) -> None:
 # -- owned objects: drift correction -----------------------------------------------------------
 
 
-def _owned_event(event: Any, namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
+async def _owned_event(event: Any, namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
     if event.get("type") is None:
         return  # the initial listing; resume handlers and the timers cover it
     model = labels.get(builders.MODEL_LABEL)
@@ -169,6 +169,5 @@ def _owned_event(event: Any, namespace: str | None, labels: Any, memo: Any, **_:
 
 
 for _group, _version, _plural in OWNED:
-    kopf.on.event(_group or None, _version, _plural, id=f"owned-{_plural}", labels=OURS)(
-        _owned_event
-    )
+    _resource = (_group, _version, _plural) if _group else (_version, _plural)
+    kopf.on.event(*_resource, id=f"owned-{_plural}", labels=OURS)(_owned_event)
