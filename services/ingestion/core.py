@@ -335,6 +335,11 @@ class Ingestion:
         try:
             # Content decides, not the file name: NDPI keeps its first IFD at the end.
             fmt = await asyncio.to_thread(sniff_file, session.path)
+        except InvalidSlide as exc:
+            # DICOM preamble, unreadable file meta (found by tests/fuzz: was INTERNAL, and
+            # the spool was kept)
+            await self._discard(session)
+            raise InvalidArgument(exc.message, exc.reason) from None
         except (OSError, ValueError):
             fmt = SlideFormat.UNKNOWN
         # a ZIP is a multi-file slide bundle: inspection gives its precise rejection reason
