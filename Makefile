@@ -11,7 +11,7 @@ export TESSERA_HOME ?= $(CURDIR)/.tessera
 
 .PHONY: viewer browser bench-serving
 .PHONY: help venv protos protos-check lint stack-up stack-down up down run status \
-        test test-unit bench clean
+        test test-unit test-fuzz bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -61,6 +61,10 @@ run: up ## the main job: sample slides through every service, outcome printed
 
 test-unit: $(STAMP) ## unit tests only (no servers)
 	$(PY) -m pytest -q tests/unit
+
+FUZZ_EXAMPLES ?= 10000
+test-fuzz: $(STAMP) ## long fuzzing run of the upload path and the de-identification parsers (FUZZ_EXAMPLES cases)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m tests.fuzz.run
 
 test: up browser ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
 	$(PY) -m pytest -q -p no:cacheprovider tests -rs

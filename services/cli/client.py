@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,14 +50,30 @@ class UploadOutcome:
     attempts: int
 
 
+def retry_after_s(exc: aio.AioRpcError) -> float | None:
+    """The server's wait hint on RESOURCE_EXHAUSTED (`tessera-retry-after-s` trailer)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "tessera-retry-after-s":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 class TesseraClient:
-    def __init__(self, token: str) -> None:
+    """`endpoints` overrides the service addresses (default: `TESSERA_ENDPOINT_<NAME>` or the
+    local stack's ports), e.g. for a second stack beside the first one."""
+
+    def __init__(self, token: str, endpoints: Mapping[str, str] | None = None) -> None:
         self._token = token
+        self._endpoints = dict(endpoints or {})
         self._channels: dict[str, aio.Channel] = {}
 
     def _ch(self, name: str) -> aio.Channel:
         if name not in self._channels:
-            self._channels[name] = open_channel(endpoint(name), lambda: self._token)
+            address = self._endpoints.get(name) or endpoint(name)
+            self._channels[name] = open_channel(address, lambda: self._token)
         return self._channels[name]
 
     async def close(self) -> None:
@@ -79,6 +95,10 @@ class TesseraClient:
         return ingestion_pb2_grpc.IngestionServiceStub(self._ch("ingestion"))
 
     @property
+    def deid(self) -> deid_pb2_grpc.DeidentificationServiceStub:
+        return deid_pb2_grpc.DeidentificationServiceStub(self._ch("deid"))
+
+    @property
     def metadata(self) -> metadata_pb2_grpc.MetadataServiceStub:
         return metadata_pb2_grpc.MetadataServiceStub(self._ch("metadata"))
 
@@ -94,10 +114,6 @@ class TesseraClient:
         return self._ch(name)
 
     # -- access ---------------------------------------------------------------------------
-    @property
-    def deid(self) -> deid_pb2_grpc.DeidentificationServiceStub:
-        return deid_pb2_grpc.DeidentificationServiceStub(self._ch("deid"))
-
 
     async def create_dataset(self, dataset_id: str, name: str = "", description: str = "") -> None:
         await self.access.CreateDataset(
@@ -151,10 +167,18 @@ class TesseraClient:
             try:
                 resp = await self.ingestion.UploadSlide(_requests(header, path, start))
             except aio.AioRpcError as exc:
-                if (
-                    exc.code()
-                    in (StatusCode.UNAVAILABLE, StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED)
-                    and attempt < max_attempts
+                if attempt >= max_attempts:
+                    raise
+                if exc.code() == StatusCode.RESOURCE_EXHAUSTED:
+                    hint = retry_after_s(exc)
+                    if hint is None:
+                        raise
+                    await asyncio.sleep(min(30.0, hint))  # the server said when to come back
+                    continue
+                if exc.code() in (
+                    StatusCode.UNAVAILABLE,
+                    StatusCode.CANCELLED,
+                    StatusCode.DEADLINE_EXCEEDED,
                 ):
                     await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
                     continue

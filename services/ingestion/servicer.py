@@ -50,7 +50,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         context: aio.ServicerContext,
     ) -> ingestion_pb2.UploadSlideResponse:
         if self._active >= self._slots:
-            raise ResourceExhausted("too many concurrent uploads; retry later", "BUSY")
+            raise ResourceExhausted(
+                "too many concurrent uploads; retry later", "BUSY", retry_after_s=2.0
+            )
         self._active += 1
         try:
             return await self._upload(request_iterator)
@@ -66,7 +68,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         session = await self._core.begin(current_principal(), header_from_proto(first.header))
         lock = self._core.lock(session.upload_id)
         if lock.locked():
-            raise ResourceExhausted("this upload is already streaming", "UPLOAD_BUSY")
+            raise ResourceExhausted(
+                "this upload is already streaming", "UPLOAD_BUSY", retry_after_s=5.0
+            )
         async with lock:
             async for req in requests:
                 if req.WhichOneof("kind") != "chunk":

@@ -51,7 +51,15 @@ class DataLoss(TesseraError):
 
 
 class ResourceExhausted(TesseraError):
+    """Over capacity; `retry_after_s` is the wait hinted to the caller (`tessera-retry-after-s`)."""
+
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self, message: str, reason: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, reason)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TesseraError):

@@ -56,6 +56,7 @@ STATUS_OF: dict[type[TesseraError], grpc.StatusCode] = {
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 REASON_KEY = "tessera-reason"
+RETRY_AFTER_KEY = "tessera-retry-after-s"  # seconds a caller over capacity should wait
 
 
 def status_for(exc: TesseraError) -> grpc.StatusCode:
@@ -109,7 +110,11 @@ class ServerPipeline(aio.ServerInterceptor):
             # Operators see refusals by method, code and reason; never the message (it may
             # name a tag or a key the caller sent).
             log.info("rpc refused", extra={"rpc": method, "code": code.name, "reason": exc.reason})
-            await context.abort(code, exc.message, trailing_metadata=((REASON_KEY, exc.reason),))
+            trailers: tuple[tuple[str, str], ...] = ((REASON_KEY, exc.reason),)
+            hint = getattr(exc, "retry_after_s", None)
+            if hint is not None:
+                trailers += ((RETRY_AFTER_KEY, f"{hint:g}"),)
+            await context.abort(code, exc.message, trailing_metadata=trailers)
         if is_outage(exc):
             # S3, MongoDB or Kafka unreachable: the caller's request was fine; it may retry.
             log.warning("rpc failed: dependency unavailable", extra={"rpc": method})

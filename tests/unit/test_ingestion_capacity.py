@@ -1,0 +1,114 @@
+"""Uploads beyond the ingestion service's capacity: RESOURCE_EXHAUSTED with a wait hint, and a
+client that honours the hint gets through once a slot is free."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from grpc import StatusCode, aio
+
+from services.cli.client import TesseraClient, retry_after_s
+from services.ingestion.core import Ingestion, IngestionLimits
+from services.ingestion.servicer import IngestionServicer
+from services.shared.access import Action, StaticAccessChecker
+from services.shared.adapters.memory import InMemoryBus, InMemoryDocumentStore, InMemoryObjectStore
+from services.shared.auth import TokenIssuer, TokenVerifier, generate_keypair
+from services.shared.events import ALL_TOPICS, EventEmitter
+from services.shared.grpc.client import open_channel
+from services.shared.grpc.interceptors import REASON_KEY, RETRY_AFTER_KEY, ServerPipeline
+from services.shared.outbox import Outbox
+from services.shared.pseudonym import Pseudonymizer
+from tessera.common.v1 import common_pb2
+from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
+
+SLIDE = Path(__file__).resolve().parents[2].parent / "shared" / "slides" / "aperio" / "small.svs"
+PRIVATE, PUBLIC = generate_keypair()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[str]:
+    docs = InMemoryDocumentStore()
+    bus = InMemoryBus()
+    await bus.ensure_topics(list(ALL_TOPICS))
+    publisher = bus.publisher()
+    await publisher.start()
+    ingestion = Ingestion(
+        spool_dir=tmp_path / "spool",
+        uploads=docs.collection("uploads"),
+        objects=InMemoryObjectStore(),
+        quarantine_bucket="quarantine",
+        access=StaticAccessChecker({("alice", "ds-1"): {Action.ACTION_UPLOAD}}, {"ds-1"}),
+        outbox=Outbox(docs.collection("outbox"), EventEmitter("unit", publisher)),
+        pseudonymizer=Pseudonymizer(b"k" * 32, "unit"),
+        limits=IngestionLimits(),
+    )
+    await ingestion.ensure_ready()
+    srv = aio.server(interceptors=[ServerPipeline("unit", TokenVerifier(PUBLIC, "tessera", "tessera"))])
+    ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(
+        IngestionServicer(ingestion, max_concurrent_uploads=1), srv
+    )
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await srv.stop(None)
+        await publisher.stop()
+
+
+def header(data: bytes) -> ingestion_pb2.UploadSlideRequest:
+    return ingestion_pb2.UploadSlideRequest(
+        header=ingestion_pb2.UploadHeader(
+            dataset_id="ds-1",
+            filename="x.svs",
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            metadata=common_pb2.ClinicalMetadata(stain="H&E"),
+        )
+    )
+
+
+async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -> None:
+    token = TokenIssuer(PRIVATE).issue("alice", [])
+    data = SLIDE.read_bytes()
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
+        yield header(data)
+        await release.wait()  # holds the only upload slot
+
+    async with open_channel(server, lambda: token) as ch:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
+        async def hold() -> None:
+            await stub.UploadSlide(slow(), timeout=30)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0.3)
+
+        async def one() -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
+            yield header(data)
+
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.UploadSlide(one(), timeout=10)
+        assert err.value.code() == StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(err.value.trailing_metadata() or ())
+        assert trailers[REASON_KEY] == "BUSY"
+        assert float(trailers[RETRY_AFTER_KEY]) > 0
+        assert retry_after_s(err.value) == float(trailers[RETRY_AFTER_KEY])
+
+        # a client that honours the hint gets in once the slot is free
+        async def free_soon() -> None:
+            await asyncio.sleep(0.5)
+            release.set()
+            holder.cancel()
+
+        freer = asyncio.create_task(free_soon())
+        async with TesseraClient(token, {"ingestion": server}) as client:
+            out = await client.upload(SLIDE, "ds-1", common_pb2.ClinicalMetadata(stain="H&E"))
+        await freer
+        assert out.attempts >= 2
+        assert out.slide_id
