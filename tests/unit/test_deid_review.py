@@ -15,6 +15,8 @@ import pytest
 
 from services.deid.core import DeidStage
 from services.deid.engine import DeidNeedsReview, DeidPolicy, deidentify
+from services.metadata.core import Catalogue
+from services.metadata.mapping import slide_to_proto
 from services.shared.access import StaticAccessChecker
 from services.shared.adapters.memory import InMemoryBus, InMemoryDocumentStore, InMemoryObjectStore
 from services.shared.auth import Principal
@@ -26,6 +28,7 @@ from services.shared.events import (
     TOPIC_SLIDE_REJECTED,
     TOPIC_SLIDE_REVIEWED,
     EventEmitter,
+    new_envelope,
 )
 from services.shared.outbox import Outbox
 from services.shared.pseudonym import Pseudonymizer
@@ -473,3 +476,52 @@ async def test_macro_kept_with_label_blanked_policy_is_applied(w: World) -> None
     job = await w.job(sid2)
     assert job["applied_policy"]["macro"] == "KEEP_LABEL_BLANKED"
     assert job["summary"]["removed"]
+
+
+# --- the catalogue ---------------------------------------------------------------------------
+
+
+def _env(field: str, payload: Any, at: datetime, eid: str) -> events_pb2.EventEnvelope:
+    env = new_envelope(
+        payload_field=field, payload=payload, slide_id="s-1", dataset_id=DS, event_id=eid
+    )
+    env.occurred_at.FromDatetime(at)
+    return env
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (1, 0, 3, 2), (3, 2, 1, 0), (1, 3, 0, 2)])
+async def test_catalogue_shows_needs_review_between_received_and_deidentified(
+    order: tuple[int, ...],
+) -> None:
+    docs = InMemoryDocumentStore()
+    cat = Catalogue(
+        slides=docs.collection("slides"),
+        datasets=docs.collection("datasets"),
+        access=StaticAccessChecker({(READER.subject, DS): {Action.ACTION_READ_RECORD}}, {DS}),
+    )
+    held = events_pb2.SlideHeldForReview(
+        stage="deidentification",
+        reason="UNKNOWN_SVS_FIELD",
+        detail="held for review: svs:Scanner Mode",
+        keys=["svs:Scanner Mode"],
+        round=1,
+    )
+    events = [
+        _env("slide_received", events_pb2.SlideReceived(), T0, "e-rec"),
+        _env("slide_held_for_review", held, T0 + timedelta(seconds=1), "e-held"),
+        _env("slide_deidentified", events_pb2.SlideDeidentified(), T0 + timedelta(hours=1), "e-d"),
+        _env("slide_tiled", events_pb2.SlideTiled(), T0 + timedelta(hours=2), "e-t"),
+    ]
+    for n, i in enumerate(order):
+        await cat.on_event(events[i])
+        if set(order[: n + 1]) == {0, 1}:  # received and held, nothing later yet
+            doc = await cat.get(READER, "s-1")
+            assert doc["status"] == "NEEDS_REVIEW"
+            assert doc["review_reason"] == "UNKNOWN_SVS_FIELD"
+    await cat.on_event(events[1])  # a redelivered hold changes nothing
+    doc = await cat.get(READER, "s-1")
+    assert doc["status"] == "TILED"
+    s = slide_to_proto(doc)
+    timeline = [(t.status, t.reason) for t in s.timeline]
+    assert (common_pb2.SLIDE_STATUS_NEEDS_REVIEW, "UNKNOWN_SVS_FIELD") in timeline
+    assert len(timeline) == 4
