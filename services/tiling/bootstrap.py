@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from grpc import aio
 from pydantic import BaseModel, Field
@@ -39,6 +40,14 @@ class TilingOptions(BaseModel):
     public_base_url: str = ""
     tile_size: int = 254
     overlap: int = 1
+    # Tiled-JPEG sources (SVS, tiled TIFF) keep their own tile size with no overlap, so the
+    # full-resolution tiles are the scanner's bytes; tile_size/overlap apply to other formats.
+    lossless_copy: bool = True
+    # DICOM WSI archive series of every slide next to its pyramid (slides/ID/dicom/).
+    dicom_export: bool = True
+    # Frames of sources whose tiles cannot be copied: "jpeg" (Q 95) or "jpeg2000" (lossless,
+    # far slower to encode).
+    dicom_codec: Literal["jpeg", "jpeg2000"] = "jpeg"
     # In-process LRU of hot tiles, bounded in bytes.
     cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Seconds an allow decision of access control is reused for viewing one slide (tiles,
@@ -84,6 +93,9 @@ def bootstrap(
         work_dir=opts.work_dir,
         tile_size=opts.tile_size,
         overlap=opts.overlap,
+        lossless_copy=opts.lossless_copy,
+        dicom_export=opts.dicom_export,
+        dicom_codec=opts.dicom_codec,
         cache_bytes=opts.cache_bytes,
         access_ttl_s=opts.access_cache_ttl_s,
     )

@@ -4,6 +4,7 @@ HTTP routes all call `TilingStage`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from openslide import OpenSlideError
 
 from services.shared.access import AccessChecker, Action, DecisionCache
 from services.shared.auth import Principal
@@ -29,14 +32,17 @@ from services.shared.tempfiles import scratch_dir
 from services.shared.wsi import bundle
 from services.tiling.cache import TileCache, TtlCache
 from services.tiling.engine import (
-    DeepZoomBuilder,
+    DicomCodec,
     DziError,
     DziGeometry,
     SlideOpenError,
     SlideReadError,
     Tile,
+    dicom_series_prefix,
     dzi_object_keys,
+    export_dicom,
     make_thumbnail,
+    open_builder,
     thumbnail_key,
     tile_key,
 )
@@ -77,6 +83,9 @@ class TilingStage:
         overlap: int = 1,
         cache_bytes: int = 256 * 1024 * 1024,
         access_ttl_s: float = 0.0,
+        lossless_copy: bool = True,
+        dicom_export: bool = True,
+        dicom_codec: DicomCodec = "jpeg",
     ) -> None:
         self._objects = objects
         self._pyramids = pyramids
@@ -86,6 +95,12 @@ class TilingStage:
         self._work = work_dir
         self._tile_size = tile_size
         self._overlap = overlap
+        # Tiled-JPEG sources get their own tile size and no overlap, so full-resolution tiles
+        # are the scanner's bytes (engine/pyramid.py); tile_size/overlap apply to the rest.
+        self._lossless = lossless_copy
+        # DICOM WSI archive series next to the pyramid (engine/dicom_export.py).
+        self._dicom = dicom_export
+        self._dicom_codec: DicomCodec = dicom_codec
         self.cache = TileCache(cache_bytes)
         # Viewing a slide (descriptor, tiles, thumbnail, IIIF) asks access control once per
         # (subject, slide) and window; downloads are asked every time. See `DecisionCache`.
@@ -115,6 +130,7 @@ class TilingStage:
                 path = await asyncio.to_thread(_unpacked_entry, path, tmp / "bundle")
                 summary = await self._build(slide_id, path)
                 thumb = await asyncio.to_thread(make_thumbnail, path, 1024)
+                dicom_prefix = await self._export_dicom(slide_id, path, tmp / "dicom")
             except (SlideOpenError, SlideReadError) as exc:
                 # The pixels cannot be read at all: a permanent outcome, not a retry.
                 reason = (
@@ -142,9 +158,10 @@ class TilingStage:
             "bucket": self._bucket,
             "descriptor_key": descriptor_key,
             "thumbnail_key": thumb_key,
-            "tile_size": self._tile_size,
-            "overlap": self._overlap,
+            "tile_size": summary["tile_size"],
+            "overlap": summary["overlap"],
             "tile_format": "jpeg",
+            "dicom_series_prefix": dicom_prefix,
             "level_count": summary["level_count"],
             "tile_count": summary["tile_count"],
             "failed_tiles": summary["failed_tiles"],
@@ -169,7 +186,13 @@ class TilingStage:
 
     async def _build(self, slide_id: str, path: Path) -> dict[str, Any]:
         builder = await asyncio.to_thread(
-            DeepZoomBuilder, path, tile_size=self._tile_size, overlap=self._overlap
+            functools.partial(
+                open_builder,
+                path,
+                tile_size=self._tile_size,
+                overlap=self._overlap,
+                lossless=self._lossless,
+            )
         )
         try:
             batches: Iterator[list[Tile]] = builder.iter_batches(BATCH)
@@ -200,9 +223,33 @@ class TilingStage:
                 "failed_tiles": failed,
                 "width": width,
                 "height": height,
+                "tile_size": builder.geometry.tile_size,
+                "overlap": builder.geometry.overlap,
             }
         finally:
             await asyncio.to_thread(builder.close)
+
+    async def _export_dicom(self, slide_id: str, path: Path, out: Path) -> str:
+        """Write the DICOM WSI series and store it under ``slides/ID/dicom/``; the prefix, or
+        "" when switched off or the pixels cannot be re-read for it (the pyramid stands)."""
+        if not self._dicom:
+            return ""
+        try:
+            series = await asyncio.to_thread(
+                functools.partial(export_dicom, path, out, slide_id, codec=self._dicom_codec)
+            )
+        except (OpenSlideError, SlideOpenError, SlideReadError, OSError, ValueError) as exc:
+            log.warning(
+                "dicom export skipped",
+                extra={"slide_id": slide_id, "reason": type(exc).__name__},
+            )
+            return ""
+        prefix = dicom_series_prefix(slide_id)
+        for level in series.levels:
+            await self._objects.put_file(
+                self._bucket, prefix + level.path.name, level.path, "application/dicom"
+            )
+        return prefix
 
     async def on_failure(self, env: events_pb2.EventEnvelope, reason: str, detail: str) -> None:
         await publish_stage_failure(self._outbox, "tiling", "tiling-outcome", env, reason, detail)
@@ -233,6 +280,7 @@ class TilingStage:
                 thumbnail_key=doc["thumbnail_key"],
                 tile_count=doc["tile_count"],
                 failed_tiles=doc["failed_tiles"],
+                dicom_series_prefix=doc.get("dicom_series_prefix", ""),
             ),
             geometry=common_pb2.SlideGeometry(
                 width=g["width"], height=g["height"], mpp_x=g["mpp_x"], mpp_y=g["mpp_y"]

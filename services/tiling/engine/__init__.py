@@ -13,7 +13,7 @@ from .deepzoom import (
     TilePosition,
     build_dzi_to_directory,
 )
-from .dicom_export import DicomSeries, export_dicom
+from .dicom_export import DicomCodec, DicomSeries, dicom_series_prefix, export_dicom
 from .geometry import (
     CONTENT_TYPES,
     DESCRIPTOR_NAME,
@@ -52,6 +52,7 @@ __all__ = [
     "TILES_DIR_NAME",
     "DeepZoomBuilder",
     "DescriptorError",
+    "DicomCodec",
     "DicomSeries",
     "DziBuildSummary",
     "DziError",
@@ -65,6 +66,7 @@ __all__ = [
     "TileOutOfRangeError",
     "TilePosition",
     "build_dzi_to_directory",
+    "dicom_series_prefix",
     "dzi_object_keys",
     "export_dicom",
     "make_thumbnail",

@@ -9,9 +9,13 @@ writes the same UIDs). Frames are:
   the Adobe marker for RGB-coded JPEG), so the archive holds exactly the scanner's pixels.
   Photometric Interpretation follows the stream: ``RGB`` (no colour transform),
   ``YBR_FULL_422`` (subsampled YCbCr) or ``YBR_FULL``;
-* otherwise **re-encoded** from OpenSlide reads: JPEG Baseline (``jpeg``, quality 95, 4:4:4,
-  ``YBR_FULL``) or JPEG 2000 lossless (``jpeg2000``, reversible: the decoded source pixels
-  exactly, but ~50-100x slower to encode).
+* otherwise **re-encoded** from OpenSlide reads: JPEG Baseline (``jpeg``, quality 95, 4:2:0,
+  ``YBR_FULL_422``: OpenSlide reads no other JPEG colour model) or JPEG 2000 lossless
+  (``jpeg2000``, reversible: the decoded source pixels exactly, but ~50-100x slower to
+  encode).
+
+Only levels whose downsample from level 0 is (within 1%) an integer are exported: DICOM
+readers such as wsidicom place levels by integer pixel-spacing ratios.
 
 Files are written streaming: the dataset is written with pydicom without Pixel Data, then the
 encapsulated Pixel Data element is appended frame by frame (a Basic Offset Table is patched in
@@ -50,6 +54,15 @@ FALLBACK_TILE: Final = 256
 DEFAULT_MPP: Final = 0.25  # micrometres per pixel when the slide declares none
 _MAX_BOT: Final = (1 << 32) - 1
 Codec = Literal["jpeg", "jpeg2000"]
+DicomCodec = Codec
+
+
+def dicom_series_prefix(slide_id: str) -> str:
+    """Object-key prefix of a slide's DICOM series: ``slides/ID/dicom/`` (files
+    ``level-{i}.dcm``), next to its pyramid ``slides/ID/dzi/``."""
+    from .geometry import validate_slide_id
+
+    return f"slides/{validate_slide_id(slide_id)}/dicom/"
 
 
 @dataclass(frozen=True)
@@ -307,6 +320,8 @@ def _export_copy(
 ) -> list[DicomLevel]:
     levels: list[DicomLevel] = []
     for index, lv in enumerate(source.levels):
+        if not _integer_downsample(source.width / lv.width):
+            continue
         first = source.jfif_tile(index, 0, 0)
         photometric = _photometric_of(first, lv.photometric)
         count = lv.cols * lv.rows
@@ -349,12 +364,14 @@ def _export_reencoded(
     levels: list[DicomLevel] = []
     tile = FALLBACK_TILE
     syntax = JPEG_BASELINE if codec == "jpeg" else JPEG2000_LOSSLESS
-    photometric = "YBR_FULL" if codec == "jpeg" else "RGB"
+    photometric = "YBR_FULL_422" if codec == "jpeg" else "RGB"
     with SlideHandle(path) as handle:
         slide = handle.slide
         background = background_colour(slide)
         width0 = slide.dimensions[0]
         for index, (w, h) in enumerate(slide.level_dimensions):
+            if not _integer_downsample(width0 / w):
+                continue
             cols, rows = -(-w // tile), -(-h // tile)
             downsample = slide.level_downsamples[index]
             ds = _dataset(
@@ -386,10 +403,14 @@ def _export_reencoded(
     return levels
 
 
+def _integer_downsample(value: float) -> bool:
+    return abs(value - round(value)) <= 0.01
+
+
 def _encode_frame(image: Image.Image, codec: Codec, quality: int) -> bytes:
     if codec == "jpeg":
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality, subsampling=0, icc_profile=None)
+        image.save(buffer, format="JPEG", quality=quality, subsampling=2, icc_profile=None)
         return buffer.getvalue()
     import imagecodecs
 

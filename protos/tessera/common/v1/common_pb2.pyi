@@ -279,6 +279,7 @@ class Pyramid(_message.Message):
     THUMBNAIL_KEY_FIELD_NUMBER: _builtins.int
     TILE_COUNT_FIELD_NUMBER: _builtins.int
     FAILED_TILES_FIELD_NUMBER: _builtins.int
+    DICOM_SERIES_PREFIX_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     descriptor_key: _builtins.str
     tile_size: _builtins.int
@@ -287,6 +288,10 @@ class Pyramid(_message.Message):
     level_count: _builtins.int
     thumbnail_key: _builtins.str
     tile_count: _builtins.int
+    dicom_series_prefix: _builtins.str
+    """Object-key prefix (in `bucket`) of the DICOM WSI archive series, one instance per level
+    (`level-{i}.dcm`); empty when the export is switched off.
+    """
     @_builtins.property
     def failed_tiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -301,10 +306,11 @@ class Pyramid(_message.Message):
         thumbnail_key: _builtins.str = ...,
         tile_count: _builtins.int = ...,
         failed_tiles: _abc.Iterable[_builtins.str] | None = ...,
+        dicom_series_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "descriptor_key", b"descriptor_key", "failed_tiles", b"failed_tiles", "level_count", b"level_count", "overlap", b"overlap", "thumbnail_key", b"thumbnail_key", "tile_count", b"tile_count", "tile_format", b"tile_format", "tile_size", b"tile_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "descriptor_key", b"descriptor_key", "dicom_series_prefix", b"dicom_series_prefix", "failed_tiles", b"failed_tiles", "level_count", b"level_count", "overlap", b"overlap", "thumbnail_key", b"thumbnail_key", "tile_count", b"tile_count", "tile_format", b"tile_format", "tile_size", b"tile_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
