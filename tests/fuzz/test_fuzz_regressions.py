@@ -1,0 +1,64 @@
+"""Inputs the fuzzer found, replayed through the same worker and property (success or a
+domain error, never another exception, within the time limit)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from services.shared.wsi import tiff
+from tests.fuzz.harness import Runner, Seed, apply, build_seeds
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
+    return build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
+
+
+@pytest.fixture(scope="module")
+def runner(seeds: dict[str, Seed]) -> Iterator[Runner]:
+    r = Runner(seeds)
+    yield r
+    r.close()
+
+
+def _entry(data: bytes, code: int) -> int:
+    """File offset of the first IFD's entry for tag `code` (classic or BigTIFF)."""
+    st = tiff.read_tiff(data)
+    big = st.is_bigtiff
+    bo = st.byteorder
+    first = st.ifds[0].offset
+    n = struct.unpack_from(bo + ("Q" if big else "H"), data, first)[0]
+    head, size = (8, 20) if big else (2, 12)
+    for i in range(n):
+        at = first + head + i * size
+        if struct.unpack_from(bo + "H", data, at)[0] == code:
+            return at
+    raise LookupError(code)
+
+
+@pytest.mark.parametrize("target", ["inspect", "upload", "deid_bigtiff"])
+def test_tile_length_of_a_non_integer_type(
+    target: str, seeds: dict[str, Seed], runner: Runner
+) -> None:
+    """TileLength (323) typed ASCII: `ifd.tile_size` raised TiffError out of inspection, so
+    de-identification retried the slide and dead-lettered it instead of rejecting it."""
+    seed = seeds["bigtiff"]
+    at = _entry(seed.data, 323)
+    data = apply(seed, [("int", at + 2, 2, tiff.ASCII)])
+    out = runner.run(target, "bigtiff", data)
+    assert out.kind in ("ok", "domain"), out
+    if target != "upload":
+        assert out.label in ("MALFORMED_FILE", "not-inspected:unknown"), out
+
+
+def test_dicom_with_unreadable_file_meta_is_refused_at_upload(
+    seeds: dict[str, Seed], runner: Runner
+) -> None:
+    """A DICOM preamble over unreadable file meta: sniffing raised InvalidSlide, which the
+    upload path did not expect (INTERNAL, and the spooled bytes were kept)."""
+    data = apply(seeds["dicom"], [("copy", 128, 137, 139)])
+    out = runner.run("upload", "dicom", data)
+    assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out

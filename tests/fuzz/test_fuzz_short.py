@@ -1,0 +1,46 @@
+"""Short fuzzing run in the normal suite (`pytest tests`): FUZZ_SHORT_EXAMPLES cases per
+target (default 30, so about 300 in all), derandomised so CI runs the same cases every time.
+The long run is `make test-fuzz` (tests/fuzz/run.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fuzz.harness import TARGETS, Runner, Seed, build_seeds, fuzz
+
+EXAMPLES = int(os.environ.get("FUZZ_SHORT_EXAMPLES", "30"))
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
+    return build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
+
+
+@pytest.fixture(scope="module")
+def runner(seeds: dict[str, Seed]) -> Iterator[Runner]:
+    r = Runner(seeds)
+    yield r
+    r.close()
+
+
+def test_seeds_are_valid(seeds: dict[str, Seed], runner: Runner) -> None:
+    """Unmutated seeds pass their targets: a mutation's refusal is the mutation's doing."""
+    for name, target in TARGETS.items():
+        for seed_name in target.seeds:
+            out = runner.run(name, seed_name, seeds[seed_name].data)
+            assert out.kind == "ok", f"{name} on the unmutated {seed_name}: {out}"
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fuzz_short(target: str, seeds: dict[str, Seed], runner: Runner, tmp_path: Path) -> None:
+    os.environ.setdefault("FUZZ_FINDINGS", str(tmp_path / "findings"))
+    tally = fuzz(target, EXAMPLES, runner, seeds, derandomize=True)
+    assert tally.cases >= EXAMPLES // 2, tally
+    assert not tally.findings, "\n".join(
+        f"{f['kind']} {f['label']} ({f['seed']}): {f['detail']} mutations={f['mutations']}"
+        for f in tally.findings
+    )
