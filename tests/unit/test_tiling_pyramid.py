@@ -16,6 +16,7 @@ from PIL import Image
 from services.tiling.engine import (
     DeepZoomBuilder,
     DziGeometry,
+    ParallelDeepZoomBuilder,
     TiffPyramidBuilder,
     open_builder,
     open_tiff_pyramid,
@@ -34,7 +35,9 @@ def _need(path: Path) -> Path:
     return path
 
 
-def _tiles_of(builder: TiffPyramidBuilder | DeepZoomBuilder) -> dict[tuple[int, int, int], bytes]:
+def _tiles_of(
+    builder: TiffPyramidBuilder | DeepZoomBuilder | ParallelDeepZoomBuilder,
+) -> dict[tuple[int, int, int], bytes]:
     out: dict[tuple[int, int, int], bytes] = {}
     for batch in builder.iter_batches(32):
         for level, col, row, data in batch:
@@ -278,11 +281,14 @@ def test_thread_and_process_pools_give_the_same_pyramid(cmu_pyramid) -> None:
         assert _tiles_of(builder) == threaded
 
 
-def test_open_builder_falls_back_to_openslide_for_other_formats() -> None:
+def test_open_builder_falls_back_to_parallel_openslide_for_other_formats() -> None:
     ndpi = _need(SLIDES / "hamamatsu" / "test3-DAPI-2-(387).ndpi")
-    with open_builder(ndpi, tile_size=254, overlap=1) as builder:
-        assert isinstance(builder, DeepZoomBuilder)
+    with open_builder(ndpi, tile_size=254, overlap=1, workers=2) as builder:
+        assert isinstance(builder, ParallelDeepZoomBuilder)
         assert (builder.geometry.tile_size, builder.geometry.overlap) == (254, 1)
+        parallel = _tiles_of(builder)
+    with DeepZoomBuilder(ndpi, tile_size=254, overlap=1) as serial:
+        assert parallel == _tiles_of(serial)  # same bytes, whatever the order
     with open_builder(CMU, tile_size=254, overlap=1, lossless=False) as builder:
         assert isinstance(builder, TiffPyramidBuilder)
         assert (builder.geometry.tile_size, builder.geometry.overlap) == (254, 1)

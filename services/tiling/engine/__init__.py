@@ -33,6 +33,7 @@ from .geometry import (
     tile_relative_path,
     validate_slide_id,
 )
+from .parallel import ParallelDeepZoomBuilder
 from .pyramid import TiffPyramidBuilder, open_tiff_pyramid
 from .slide import (
     SlideOpenError,
@@ -58,6 +59,7 @@ __all__ = [
     "DziError",
     "DziGeometry",
     "InvalidTileAddressError",
+    "ParallelDeepZoomBuilder",
     "SlideOpenError",
     "SlideReadError",
     "TiffPyramidBuilder",

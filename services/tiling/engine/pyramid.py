@@ -46,6 +46,7 @@ PLACEHOLDER_COLOUR: Final = UNREADABLE_COLOUR
 # A source level may be up to this far (relative) from an exact power-of-two downsample.
 _LEVEL_TOLERANCE: Final = 0.02
 UNIT_TILES: Final = 8  # output tiles (columns) per work unit
+UNIT_ROWS: Final = 2  # ... and rows: neighbours share source tiles when there is overlap
 # Deep Zoom levels up to this many pixels are rendered whole, once (the largest of them from
 # the source, each smaller one as a 2x box reduction of the one above) and cut into tiles.
 SMALL_LEVEL_PIXELS: Final = 4 * 1024 * 1024
@@ -272,7 +273,7 @@ def _fit(
     return Image.fromarray(np.ascontiguousarray(arr), "RGB")
 
 
-Unit = tuple[int, int, int, int]  # (level, row, first col, end col)
+Unit = tuple[int, int, int, int, int]  # (level, first row, end row, first col, end col)
 
 
 def small_top(job: Job) -> int:
@@ -320,24 +321,26 @@ def _halve(rect: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 
 
 def run_unit(job: Job, unit: Unit) -> UnitResult:
-    """Work of one unit (module-level: runs in a thread or a worker process). ``row == -1``:
-    the whole small level ``level`` and every level below it."""
-    level, row, c0, c1 = unit
+    """Work of one unit (module-level: runs in a thread or a worker process). A first row
+    of -1: the whole small level ``level`` and every level below it."""
+    level, r0, r1, c0, c1 = unit
     work = _Unit(job)
-    if row < 0:
+    if r0 < 0:
         return _run_small(work, level)
     plan = job.plans[level]
     if plan.mode == "copy":
-        for col in range(c0, c1):
-            work.emit_copy(plan, col, row, 8)
+        for row in range(r0, r1):
+            for col in range(c0, c1):
+                work.emit_copy(plan, col, row, 8)
         return work.out
-    for col in range(c0, c1):
-        work.emit_rendered(plan, col, row)
+    for row in range(r0, r1):
+        for col in range(c0, c1):
+            work.emit_rendered(plan, col, row)
     upper_level = level + 1
     if upper_level < len(job.plans) and job.plans[upper_level].coupled:
         upper = job.plans[upper_level]
         cols, rows = job.geometry.tile_grid(upper_level)
-        for r in range(2 * row, min(2 * row + 2, rows)):
+        for r in range(2 * r0, min(2 * r1, rows)):
             for c in range(2 * c0, min(2 * c1, cols)):
                 work.emit_copy(upper, c, r, 2)
     return work.out
@@ -350,11 +353,11 @@ def _units(job: Job) -> Iterator[Unit]:
         if job.plans[level].coupled and level - 1 > top:
             continue
         cols, rows = job.geometry.tile_grid(level)
-        for row in range(rows):
+        for r0 in range(0, rows, UNIT_ROWS):
             for c0 in range(0, cols, UNIT_TILES):
-                yield level, row, c0, min(cols, c0 + UNIT_TILES)
+                yield level, r0, min(rows, r0 + UNIT_ROWS), c0, min(cols, c0 + UNIT_TILES)
     if top >= 0:
-        yield top, -1, 0, 0
+        yield top, -1, 0, 0, 0
 
 
 def _process_init() -> None:  # pragma: no cover - runs in workers
