@@ -216,7 +216,7 @@ class EventRunner:
                     "consumer lost its subscription; reconnecting",
                     extra={"reason": type(exc).__name__, "attempt": failures},
                 )
-                if await self._sleep_or_stop(self._retry.delay(min(failures, 6))):
+                if await self._sleep_or_stop(self._retry.outage_delay(failures)):
                     return
 
     async def _consume(self) -> bool:
