@@ -751,6 +751,9 @@ class DeidStage:
         """Set (part of) a dataset's policy; applies to slides processed from now on."""
         if not dataset_id:
             raise InvalidArgument("dataset_id is required", "MISSING_FIELD")
+        await self._access.require(
+            caller.subject, Action.ACTION_REVIEW, dataset_id, f"dataset/{dataset_id}/policy"
+        )
         if macro and macro not in _ENGINE_MACRO:
             raise InvalidArgument("macro must be REMOVE or KEEP_LABEL_BLANKED", "BAD_POLICY")
         if dates and dates not in _ENGINE_DATES:
@@ -762,9 +765,6 @@ class DeidStage:
             )
         if self._datasets is None:
             raise FailedPrecondition("dataset policies are not configured", "NO_POLICY_STORE")
-        await self._access.require(
-            caller.subject, Action.ACTION_REVIEW, dataset_id, f"dataset/{dataset_id}/policy"
-        )
         current = await self.dataset_policy(dataset_id)
         fields: dict[str, Any] = {
             "macro": macro or current.macro,

@@ -14,7 +14,7 @@ import openslide
 import pytest
 
 from services.deid.core import DeidStage
-from services.deid.engine import DeidNeedsReview, DeidPolicy, deidentify
+from services.deid.engine import DeidNeedsReview, DeidPolicy, deidentify, deidentify_and_verify
 from services.metadata.core import Catalogue
 from services.metadata.mapping import slide_to_proto
 from services.shared.access import StaticAccessChecker
@@ -34,10 +34,12 @@ from services.shared.outbox import Outbox
 from services.shared.pseudonym import Pseudonymizer
 from services.shared.wsi import tiff
 from services.shared.wsi.sniff import SlideFormat
+from services.shared.wsi.tiff import OutTag
 from tessera.access.v1.access_pb2 import Action
 from tessera.common.v1 import common_pb2
 from tessera.events.v1 import events_pb2
 from tests.fixtures import wsigen
+from tests.unit.test_deid_engine import SLIDES, rewrite
 
 T0 = datetime(2030, 3, 1, 9, 0, tzinfo=UTC)
 DS = "ds-review"
@@ -197,10 +199,32 @@ def test_unknown_tiff_tag_rule(tmp_path: Path) -> None:
         deidentify(src, tmp_path / "o.tiff", SlideFormat.GENERIC_TIFF, P)
     assert [i.key for i in e.value.items] == ["tiff:40001"]
     policy = DeidPolicy(approved_rules=(("tiff:40001", "keep"),))
-    from services.deid.engine import deidentify_and_verify
-
     deidentify_and_verify(src, tmp_path / "o.tiff", SlideFormat.GENERIC_TIFF, P, policy)
     assert 40001 in tiff.read_tiff(tmp_path / "o.tiff").ifds[0].tags
+
+
+def test_unknown_ndpi_property_is_held_then_kept_by_rule(tmp_path: Path) -> None:
+    src = SLIDES / "hamamatsu" / "test3-DAPI-2-(387).ndpi"
+    if not src.is_file():
+        pytest.fail(f"sample slide missing: {src}")
+    crafted = tmp_path / "prop.ndpi"
+    props = tiff.read_tiff(src).ifds[0].tags[65449].text()
+
+    def edit(_i: int, tags: dict[int, OutTag]) -> None:
+        tags[65449] = OutTag.ascii(65449, "scanner.mode=fast\r\n" + props)
+
+    rewrite(src, crafted, edit)
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(crafted, tmp_path / "o.ndpi", SlideFormat.HAMAMATSU_NDPI, P)
+    assert [i.key for i in e.value.items] == ["ndpi:scanner.mode"]
+    assert e.value.reason == "UNKNOWN_NDPI_PROPERTY" and "fast" not in str(e.value)
+    dst = tmp_path / "o.ndpi"
+    keep = DeidPolicy(approved_rules=(("ndpi:scanner.mode", "keep"),))
+    deidentify_and_verify(crafted, dst, SlideFormat.HAMAMATSU_NDPI, P, keep)
+    assert "scanner.mode=fast" in tiff.read_tiff(dst).ifds[0].tags[65449].text()
+    remove = DeidPolicy(approved_rules=(("ndpi:scanner.mode", "remove"),))
+    deidentify_and_verify(crafted, dst, SlideFormat.HAMAMATSU_NDPI, P, remove)
+    assert "scanner.mode" not in tiff.read_tiff(dst).ifds[0].tags[65449].text()
 
 
 # --- review -> approve / reject --------------------------------------------------------------
@@ -356,6 +380,25 @@ async def test_held_again_for_a_key_the_rules_do_not_cover(w: World) -> None:
     assert (await w.stage.approve(STEWARD, sid, [("svs:Scanner Mode", "REMOVE")])).outcome == (
         "DEIDENTIFIED"
     )
+
+
+async def test_sweep_resumes_an_approval_whose_rerun_died(w: World) -> None:
+    sid = await w.receive(svs(w.tmp, "resume"))
+    real = w.objects.download_file
+
+    async def down(*args: object, **kwargs: object) -> object:
+        raise ConnectionError("object store down")
+
+    w.objects.download_file = down  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await w.stage.approve(STEWARD, sid, [("svs:Scanner Mode", "REMOVE")])
+    w.objects.download_file = real  # type: ignore[method-assign]
+    job = await w.job(sid)
+    assert job["outcome"] == "PENDING" and job["decisions"][0]["decision"] == "APPROVED"
+    assert await w.stage.sweep() == 0 and (await w.job(sid))["outcome"] == "PENDING"
+    w.clock.now = T0 + timedelta(minutes=16)  # the re-run's lease has run out
+    await w.stage.sweep()
+    assert (await w.job(sid))["outcome"] == "DEIDENTIFIED" and not await w.raw_exists(sid)
 
 
 # --- retention -------------------------------------------------------------------------------
