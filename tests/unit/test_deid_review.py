@@ -389,7 +389,7 @@ async def test_sweep_resumes_an_approval_whose_rerun_died(w: World) -> None:
     async def down(*args: object, **kwargs: object) -> object:
         raise ConnectionError("object store down")
 
-    w.objects.download_file = down  # type: ignore[method-assign]
+    w.objects.download_file = down  # type: ignore[method-assign, assignment]
     with pytest.raises(ConnectionError):
         await w.stage.approve(STEWARD, sid, [("svs:Scanner Mode", "REMOVE")])
     w.objects.download_file = real  # type: ignore[method-assign]
