@@ -192,3 +192,18 @@ def test_strict_ini_parser() -> None:
     for bad in (b"K=V\n", b"[A]\nK=V\nK=W\n", b"[A]\n[A]\n", b"[A]\nnot a pair\n", b"\xff\xfe"):
         with pytest.raises(bundle.BundleError):
             bundle.parse_ini(bad)
+
+
+def test_member_both_file_and_folder_is_refused(tmp_path: Path) -> None:
+    p = _zip(tmp_path / "clash.zip", [("a", b"x"), ("a/b.dcm", b"y")])
+    assert _reason(p) == bundle.UNSAFE_BUNDLE
+
+
+def test_corrupt_member_is_a_clear_rejection(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    p = _zip(tmp_path / "bad.zip", [("a.dcm", b"\x00" * 128 + b"DICM" + rng.bytes(5000))])
+    data = bytearray(p.read_bytes())
+    start = 30 + len("a.dcm")  # the local header, then the deflated bytes
+    data[start : start + 40] = b"\xff" * 40
+    p.write_bytes(bytes(data))
+    assert _reason(p) == bundle.BAD_BUNDLE

@@ -579,15 +579,14 @@ def deidentify_dicom_series(
             raise DeidRejected(
                 MIXED_SERIES, "the bundle mixes instances of several series or patients"
             )
-        kept: list[tuple[int, Path, Dataset]] = []
+        kept: list[tuple[tuple[bool, int], Path, Dataset]] = []
         for path, ds in headers:
             flavor = image_flavor(ds)
             if flavor in DROPPED_FLAVORS or (flavor == "THUMBNAIL" and _shows_label(ds)):
                 tally.remove(f"dicom_instance.{flavor}", str(ds.get("SOPInstanceUID", "")))
                 continue
             size = _int(ds, "TotalPixelMatrixColumns") * _int(ds, "TotalPixelMatrixRows")
-            kept.append((0 if flavor == "VOLUME" else 1, path, ds))
-            kept[-1] = (kept[-1][0] * (1 << 62) - size, path, ds)
+            kept.append(((flavor != "VOLUME", -size), path, ds))  # levels first, largest first
         if not any(image_flavor(ds) == "VOLUME" for _k, _p, ds in kept):
             raise DeidRejected(NO_PYRAMID_LEVEL, "the series has no VOLUME instance")
         kept.sort(key=lambda k: k[0])

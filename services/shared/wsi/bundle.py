@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -154,6 +155,10 @@ def list_members(
         files.append((name, info))
     if not files:
         raise BundleError(NOT_A_SLIDE_BUNDLE, "the bundle holds no file")
+    names = {str(n).casefold() for n, _ in files}
+    for n, _ in files:
+        if any(str(parent).casefold() in names for parent in n.parents):
+            raise BundleError(UNSAFE_BUNDLE, "a member is both a file and a folder")
     # one common top folder (an archived directory) is stripped
     tops = {n.parts[0] for n, _ in files}
     strip = len(tops) == 1 and all(len(n.parts) > 1 for n, _ in files)
@@ -164,17 +169,26 @@ def list_members(
     return tuple(out)
 
 
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError)
+
+
 def read_head(path: str | os.PathLike[str], member: Member, n: int) -> bytes:
-    with zipfile.ZipFile(path) as zf, zf.open(member.info) as fh:
-        return fh.read(n)
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(member.info) as fh:
+            return fh.read(n)
+    except _READ_ERRORS as exc:
+        raise BundleError(BAD_BUNDLE, "a member is corrupt") from exc
 
 
 def read_member(path: str | os.PathLike[str], member: Member, max_bytes: int) -> bytes:
     """A small member's bytes (Slidedat.ini), bounded."""
     if member.info.file_size > max_bytes:
         raise BundleError(BUNDLE_TOO_LARGE, f"a metadata member exceeds {max_bytes} bytes")
-    with zipfile.ZipFile(path) as zf, zf.open(member.info) as fh:
-        data = fh.read(max_bytes + 1)
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(member.info) as fh:
+            data = fh.read(max_bytes + 1)
+    except _READ_ERRORS as exc:
+        raise BundleError(BAD_BUNDLE, "a member is corrupt") from exc
     if len(data) > max_bytes:
         raise BundleError(BUNDLE_TOO_LARGE, f"a metadata member exceeds {max_bytes} bytes")
     return data
@@ -224,9 +238,9 @@ def extract(
             target = (root / m.name).resolve()
             if root not in target.parents:
                 raise BundleError(UNSAFE_BUNDLE, "a member path leaves the bundle")
-            target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(m.info) as src, open(target, "xb") as dst:
                     while True:
                         chunk = src.read(1 << 20)
@@ -237,9 +251,9 @@ def extract(
                         if written > m.info.file_size or total > limits.max_total_bytes:
                             raise BundleError(BUNDLE_TOO_LARGE, "a member inflates past its size")
                         dst.write(chunk)
-            except FileExistsError as exc:
+            except (FileExistsError, NotADirectoryError) as exc:
                 raise BundleError(UNSAFE_BUNDLE, "two members have the same name") from exc
-            except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+            except _READ_ERRORS as exc:
                 raise BundleError(BAD_BUNDLE, "a member is corrupt (CRC or size)") from exc
             out[m.name] = target
     return out
