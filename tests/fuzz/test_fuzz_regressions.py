@@ -62,3 +62,17 @@ def test_dicom_with_unreadable_file_meta_is_refused_at_upload(
     data = apply(seeds["dicom"], [("copy", 128, 137, 139)])
     out = runner.run("upload", "dicom", data)
     assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out
+
+
+@pytest.mark.parametrize("target", ["inspect", "deid_dicom"])
+def test_dicom_element_with_an_unknown_vr(
+    target: str, seeds: dict[str, Seed], runner: Runner
+) -> None:
+    """Rows (0028,0010) with the VR bytes corrupted: pydicom raised NotImplementedError from
+    the first attribute read during inspection (de-identification retried, dead-lettered)."""
+    seed = seeds["dicom"]
+    at = seed.data.find(b"\x28\x00\x10\x00US")
+    assert at > 0
+    data = seed.data[: at + 4] + b"S\x02" + seed.data[at + 6 :]
+    out = runner.run(target, "dicom", data)
+    assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out

@@ -307,7 +307,12 @@ def inspect_slide(
     if not detected.supported:
         raise InvalidSlide(UNSUPPORTED_FORMAT, f"format {detected.value} is not supported")
     if detected is SlideFormat.DICOM_WSI:
-        return _inspect_dicom(p, limits)
+        try:
+            return _inspect_dicom(p, limits)
+        except _DICOM_DECODE_ERRORS as exc:
+            # pydicom decodes elements lazily: a corrupt one (an unknown VR in Rows, found
+            # by tests/fuzz) raises from the first attribute read
+            raise InvalidSlide(MALFORMED_FILE, "DICOM attributes cannot be decoded") from exc
     try:
         return _inspect_tiff(p, detected, limits)
     except TiffError as exc:
@@ -791,6 +796,18 @@ def _inspect_dicom(path: Path, limits: SlideLimits) -> SlideInfo:
         power,
         parsed.file_size,
     )
+
+
+# What pydicom raises when an element's bytes cannot be decoded as its VR says.
+_DICOM_DECODE_ERRORS = (
+    NotImplementedError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+)
 
 
 def _dicom_int(ds: Any, keyword: str) -> int | None:
