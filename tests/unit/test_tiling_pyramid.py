@@ -294,3 +294,17 @@ def test_open_builder_falls_back_to_parallel_openslide_for_other_formats() -> No
         assert (builder.geometry.tile_size, builder.geometry.overlap) == (254, 1)
     with open_builder(CMU, tile_size=254, overlap=1) as builder:
         assert (builder.geometry.tile_size, builder.geometry.overlap) == (240, 0)
+
+
+def test_standalone_adds_the_rgb_marker_once_and_never_for_ycbcr() -> None:
+    raw, tables, _, _ = _source_tiles(_need(CMU))
+    segments = jpegmod.tables_payload(tables)
+    rgb = jpegmod.standalone(raw[0], segments, jpegmod.PHOTOMETRIC_RGB)
+    assert rgb.count(ADOBE_RGB) == 1
+    # a tile that already says how it is coded is left as it is
+    again = jpegmod.standalone(rgb, b"", jpegmod.PHOTOMETRIC_RGB)
+    assert again == rgb
+    ycc = jpegmod.standalone(raw[0], segments, jpegmod.PHOTOMETRIC_YCBCR)
+    assert b"Adobe" not in ycc and ycc.endswith(raw[0][2:])
+    with pytest.raises(jpegmod.JpegStructureError):
+        jpegmod.standalone(b"\x00\x01" + raw[0], segments, jpegmod.PHOTOMETRIC_RGB)

@@ -23,7 +23,7 @@ import io
 import struct
 from typing import Final
 
-from PIL import Image, ImageFile
+from PIL import Image
 
 SOI: Final = b"\xff\xd8"
 EOI: Final = b"\xff\xd9"
@@ -38,9 +38,6 @@ _BASELINE_SOF: Final = frozenset({0xC0, 0xC1})
 _STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0..7: no length
 # Segments allowed between scans of a (multi-scan) stream.
 _BETWEEN_SCANS: Final = frozenset({0xC4, 0xDB, 0xDD, 0xDA, 0xFE, *range(0xE0, 0xF0)})
-
-# Pillow must never accept a truncated stream silently.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class JpegStructureError(ValueError):
