@@ -58,8 +58,8 @@ class DecisionCache:
     control, and one audit record, per `ttl_s` window instead of one per tile. Only allows are
     remembered: a denial is asked again (and audited) every time. Consequence, documented in
     the README: a revoked or expired grant keeps working in this process for at most `ttl_s`
-    seconds. Concurrent requests of one key share a single check (and its outcome). A TTL of 0
-    asks every time.
+    seconds. Concurrent requests of one key wait for a single check and share it when it allows;
+    when it refuses, each of them asks (and is audited) on its own. A TTL of 0 asks every time.
     """
 
     def __init__(
@@ -95,14 +95,20 @@ class DecisionCache:
         self._allowed.pop(key, None)
         pending = self._pending.get(key)
         if pending is not None:
-            self.hits += 1
             try:
                 await asyncio.shield(pending)
             except asyncio.CancelledError:
                 if not pending.cancelled():
                     raise  # this request itself was cancelled
-                # the request that was asking went away: ask for this one
-                await self._checker.require(subject, action, dataset_id, resource)
+            except Exception:  # noqa: BLE001, S110 - a refusal is not shared: see below
+                pass
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                self.hits += 1
+                return
+            # the shared check refused (or its caller went away): this request asks for itself,
+            # so every refusal is decided and audited on its own
+            self.misses += 1
+            await self._checker.require(subject, action, dataset_id, resource)
             return
         self.misses += 1
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()

@@ -38,6 +38,7 @@ from services.shared.errors import (
     Unauthenticated,
     check_slide_id,
 )
+from services.tiling.cache import etag_of
 from services.tiling.core import TileData, TilingStage
 from services.tiling.iiif import IiifError, IiifRenderer, parse
 
@@ -195,11 +196,8 @@ class TileHttpServer:
         if not name.endswith(".dzi"):
             raise NotFound("unknown resource", "NOT_FOUND")
         view = await self._stage.descriptor(self._principal(request), name[: -len(".dzi")])
-        return web.Response(
-            text=view.descriptor_xml,
-            content_type="application/xml",
-            headers={"Cache-Control": PIXELS_CACHE},
-        )
+        xml = view.descriptor_xml.encode()
+        return self._respond(request, TileData(xml, "application/xml", etag_of(xml)))
 
     async def _tile(self, request: web.Request) -> web.Response:
         m = _TILE.fullmatch(request.match_info["rest"])

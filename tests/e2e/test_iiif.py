@@ -51,7 +51,8 @@ async def test_info_json_describes_the_slide(world: World) -> None:
         assert doc["id"] == f"{BASE}/iiif/3/{slide}"
         assert doc["type"] == "ImageService3" and doc["profile"] == "level1"
         assert (doc["width"], doc["height"]) == (2220, 2967)
-        assert doc["tiles"][0]["width"] == 254
+        _, _, dzi = await _get(http, f"/slides/{slide}.dzi", _auth(world))
+        assert doc["tiles"][0]["width"] == DziGeometry.from_descriptor(dzi).tile_size
         assert "png" in doc["extraFormats"]
         # JSON-LD when asked for it
         status, headers, _ = await _get(
@@ -71,14 +72,14 @@ async def test_regions_and_sizes_are_composed_from_the_pyramid(world: World) -> 
     async with aiohttp.ClientSession() as http:
         _, _, dzi = await _get(http, f"/slides/{slide}.dzi", auth)
         geom = DziGeometry.from_descriptor(dzi)
-        top = geom.max_level
+        top, ts, ov = geom.max_level, geom.tile_size, geom.overlap
         # one IIIF tile at full resolution is the Deep Zoom tile without its overlap
         status, headers, png = await _get(
-            http, f"/iiif/3/{slide}/254,254,254,254/max/0/default.png", auth
+            http, f"/iiif/3/{slide}/{ts},{ts},{ts},{ts}/max/0/default.png", auth
         )
         assert status == 200 and headers["Content-Type"] == "image/png"
         _, _, jpeg = await _get(http, f"/slides/{slide}_files/{top}/1_1.jpeg", auth)
-        dz = np.asarray(_image(jpeg).convert("RGB"))[1:255, 1:255]
+        dz = np.asarray(_image(jpeg).convert("RGB"))[ov : ov + ts, ov : ov + ts]
         assert np.array_equal(np.asarray(_image(png).convert("RGB")), dz)
         # sizes
         for path, size in (
@@ -103,9 +104,11 @@ async def test_regions_and_sizes_are_composed_from_the_pyramid(world: World) -> 
         # a downscaled image matches the pyramid level it came from
         level = top - 2
         _, _, jpeg = await _get(http, f"/slides/{slide}_files/{level}/0_0.jpeg", auth)
-        status, _, png = await _get(http, f"/iiif/3/{slide}/0,0,1016,1016/254,/0/default.png", auth)
+        status, _, png = await _get(
+            http, f"/iiif/3/{slide}/0,0,{4 * ts},{4 * ts}/{ts},/0/default.png", auth
+        )
         assert status == 200
-        dz = np.asarray(_image(jpeg).convert("RGB"))[:254, :254]
+        dz = np.asarray(_image(jpeg).convert("RGB"))[:ts, :ts]
         assert np.array_equal(np.asarray(_image(png).convert("RGB")), dz)
 
 

@@ -161,3 +161,24 @@ def test_verified_tokens_are_remembered_until_they_expire() -> None:
     for name in ("c", "d", "e"):
         verifier.verify(issuer.issue(name))
     assert verifier.verify(token).subject == "ann"  # re-verified after being dropped
+
+
+async def test_concurrent_refusals_are_each_asked_and_audited() -> None:
+    checker = StaticAccessChecker({}, {"ds"})
+    gate = asyncio.Event()
+    inner = checker.check
+
+    async def slow(*args: object, **kwargs: object) -> object:
+        await gate.wait()
+        return await inner(*args, **kwargs)  # type: ignore[arg-type]
+
+    checker.check = slow  # type: ignore[method-assign]
+    cache = DecisionCache(checker, ttl_s=30)
+    tasks = [
+        asyncio.create_task(cache.require("bob", READ, "ds", "s", "slide/s/view")) for _ in range(3)
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, PermissionDenied) for r in results)
+    assert len(checker.calls) == 3
