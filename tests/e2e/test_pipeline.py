@@ -29,6 +29,7 @@ from services.shared.settings import BucketSettings
 from services.tiling.engine import DziGeometry
 from tessera.access.v1 import access_pb2
 from tessera.common.v1 import common_pb2
+from tessera.deid.v1 import deid_pb2
 from tessera.ingestion.v1 import ingestion_pb2
 from tessera.metadata.v1 import metadata_pb2
 from tessera.tiling.v1 import tiling_pb2
@@ -544,8 +545,16 @@ async def test_corrupt_slide_is_rejected_with_reason(world: World) -> None:
     store = _store()
     for bucket in (BUCKETS.deidentified, BUCKETS.tiles, BUCKETS.results):
         assert not await store.list_keys(bucket, f"slides/{world.rejected_slide}")
-    # the raw upload stays in quarantine (unreadable through any API) for review
-    assert await store.stat(BUCKETS.quarantine, f"slides/{world.rejected_slide}") is not None
+    # issue 3: a rejected slide's raw upload is erased like any other once the outcome is
+    # final (the dataset's retention is 0 hours), and the erasure is recorded
+    assert await store.stat(BUCKETS.quarantine, f"slides/{world.rejected_slide}") is None
+    async with TesseraClient(world.admin_token) as c:
+        report = await c.deid.GetDeidentificationReport(
+            deid_pb2.GetDeidentificationReportRequest(slide_id=world.rejected_slide)
+        )
+    assert report.outcome == deid_pb2.DEID_OUTCOME_REJECTED
+    assert report.HasField("quarantine_erased_at")
+    assert report.quarantine_erasure_reason == "REJECTED"
 
 
 async def test_malformed_events_are_dead_lettered(world: World) -> None:
