@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -75,4 +76,26 @@ def test_dicom_element_with_an_unknown_vr(
     assert at > 0
     data = seed.data[: at + 4] + b"S\x02" + seed.data[at + 6 :]
     out = runner.run(target, "dicom", data)
+    assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out
+
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # a value length that is not a multiple of its VR's size: pydicom's
+        # BytesLengthException out of inspection
+        "dicom-bytes-length.dcm",
+        # a sequence whose item bytes are corrupt: pydicom's OSError ("No tag to read")
+        # out of de-identification
+        "dicom-corrupt-sequence.dcm",
+    ],
+)
+def test_dicom_elements_pydicom_cannot_decode(name: str, runner: Runner) -> None:
+    """Inputs the fuzzer found (kept as files: the generated seed is not byte-for-byte
+    reproducible). Both escaped as unexpected errors (retried, then dead-lettered) instead of
+    MALFORMED_FILE."""
+    out = runner.run("deid_dicom", "dicom", (CORPUS / name).read_bytes())
     assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out

@@ -23,6 +23,7 @@ from typing import Any
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import BytesLengthException
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
@@ -417,6 +418,10 @@ def _identifying_values(elem: DataElement) -> list[str]:
 
 
 _DECODE_ERRORS = (
+    BytesLengthException,  # a value length that is not a multiple of the VR's size (fuzzing)
+    # pydicom reads a sequence's items from the value bytes and raises OSError("No tag to
+    # read...") on corrupt ones (fuzzing); the header is in memory here, so it is no I/O error
+    OSError,
     NotImplementedError,
     ValueError,
     TypeError,

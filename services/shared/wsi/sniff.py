@@ -309,7 +309,7 @@ def inspect_slide(
     if detected is SlideFormat.DICOM_WSI:
         try:
             return _inspect_dicom(p, limits)
-        except _DICOM_DECODE_ERRORS as exc:
+        except _dicom_decode_errors() as exc:
             # pydicom decodes elements lazily: a corrupt one (an unknown VR in Rows, found
             # by tests/fuzz) raises from the first attribute read
             raise InvalidSlide(MALFORMED_FILE, "DICOM attributes cannot be decoded") from exc
@@ -798,16 +798,20 @@ def _inspect_dicom(path: Path, limits: SlideLimits) -> SlideInfo:
     )
 
 
-# What pydicom raises when an element's bytes cannot be decoded as its VR says.
-_DICOM_DECODE_ERRORS = (
-    NotImplementedError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    struct.error,
-)
+def _dicom_decode_errors() -> tuple[type[Exception], ...]:
+    """What pydicom raises when an element's bytes cannot be decoded as its VR says."""
+    from pydicom.errors import BytesLengthException
+
+    return (
+        BytesLengthException,  # a value length that is not a multiple of the VR's size
+        NotImplementedError,  # an unknown VR
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        struct.error,
+    )
 
 
 def _dicom_int(ds: Any, keyword: str) -> int | None:
