@@ -5,6 +5,10 @@ stays with the dataset."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from tessera.common.v1 import common_pb2
 from tessera.deid.v1 import deid_pb2
 from tests.fixtures import wsigen
 
-from .conftest import S3, role, token
+from .conftest import REPO, S3, role, token
 
 pytestmark = pytest.mark.e2e
 BUCKETS = BucketSettings()
@@ -145,3 +149,43 @@ async def test_held_slide_approved_by_a_steward(tmp_path: Path) -> None:
         done = await c.wait(later, timeout_s=180)
         assert done.status == common_pb2.SLIDE_STATUS_READY, done
         assert common_pb2.SLIDE_STATUS_NEEDS_REVIEW not in [t.status for t in done.timeline]
+
+
+def _cli(tok: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TESSERA_TOKEN=tok)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_review_reject_and_policy(tmp_path: Path) -> None:
+    """The `tessera` commands a steward uses: a dataset created with a policy, an upload that
+    waits and stops at NEEDS_REVIEW (exit 5), review list/show, reject (raw copy erased)."""
+    dataset = f"e2e-cli-review-{uuid.uuid4().hex[:8]}"
+    tok = token(f"e2e-cli-steward-{uuid.uuid4().hex[:6]}", ("admin",))
+    made = _cli(tok, "dataset", dataset, "--dates", "year-only", "--retention-hours", "0")
+    assert made.returncode == 0, made.stderr
+    assert "dates     YEAR_ONLY" in made.stdout
+    shown = _cli(tok, "policy", dataset, "--json")
+    assert json.loads(shown.stdout)["dates"] == "DATE_POLICY_YEAR_ONLY", shown.stdout
+    fx = wsigen.aperio_svs(tmp_path, np.random.default_rng(23), name="cli", extra_fields=[FIELD])
+    up = _cli(tok, "upload", str(fx.path), "--dataset", dataset, "--wait", "--timeout", "120")
+    assert up.returncode == 5, (up.stdout, up.stderr)
+    assert f"held      {KEY}  (UNKNOWN_SVS_FIELD" in up.stdout
+    assert FIELD[1] not in up.stdout
+    slide_id = up.stdout.split()[1]
+    listed = json.loads(_cli(tok, "review", "list", "--dataset", dataset, "--json").stdout)
+    assert [r["slide_id"] for r in listed["reviews"]] == [slide_id]
+    status = _cli(tok, "status", slide_id)
+    assert "NEEDS_REVIEW" in status.stdout and KEY in status.stdout
+    rejected = _cli(tok, "review", "reject", slide_id)
+    assert rejected.returncode == 0 and "raw copy erased" in rejected.stdout, rejected.stderr
+    show = _cli(tok, "review", "show", slide_id)
+    assert "outcome   REJECTED" in show.stdout and "(REVIEW_REJECTED)" in show.stdout
+    again = _cli(tok, "review", "reject", slide_id)
+    assert again.returncode == 1 and "FAILED_PRECONDITION (NOT_IN_REVIEW)" in again.stderr
