@@ -259,8 +259,11 @@ def resolve(
             raise _bad("the requested size is less than one pixel")
     elif s.kind == "wh":
         out_w, out_h = s.width, s.height
-    else:  # confined: the largest size of the region's aspect ratio within w x h
+    else:  # confined: the largest size of the region's aspect ratio within w x h, and (without
+        # ^) not larger than the region itself
         scale = min(s.width / rw, s.height / rh)
+        if not s.upscale:
+            scale = min(scale, 1.0)
         out_w = max(1, min(s.width, round(rw * scale)))
         out_h = max(1, min(s.height, round(rh * scale)))
     if not s.upscale and (out_w > rw or out_h > rh):

@@ -62,6 +62,8 @@ def test_regions(region: str, box: tuple[int, int, int, int]) -> None:
         ("0,0,1000,500", "^pct:150", (1500, 750)),
         ("full", "max", (2643, 1586)),  # bounded by maxArea, aspect kept
         ("full", "!512,512", (512, 307)),
+        ("0,0,100,50", "!400,400", (100, 50)),  # !w,h never enlarges without ^
+        ("0,0,100,50", "^!400,400", (400, 200)),
         ("0,0,100,50", "^max", (2896, 1448)),
     ],
 )
