@@ -72,14 +72,14 @@ def deidentify(
     src, dst = Path(src), Path(dst)
     if not fmt.supported:
         raise DeidRejected(UNSUPPORTED_FORMAT, f"format {fmt.value} is not supported")
+    tally = Tally(policy.min_forbidden_length, policy.rules)
+    if bundle.is_zip(src):  # inspected by the bundle engines, once unpacked
+        return _deidentify_bundle(src, dst, fmt, pseudonymizer, policy, tally, limits)
     try:
         info = inspect_slide(src, fmt, limits)
     except InvalidSlide as exc:
         reason = FORMAT_MISMATCH if exc.reason == "FORMAT_MISMATCH" else exc.reason
         raise DeidRejected(reason, exc.message) from exc
-    tally = Tally(policy.min_forbidden_length, policy.rules)
-    if fmt is SlideFormat.MIRAX or bundle.is_zip(src):
-        return _deidentify_bundle(src, dst, fmt, pseudonymizer, policy, tally)
     if fmt is SlideFormat.DICOM_WSI:
         res = dicom_deid.deidentify_dicom(src, dst, pseudonymizer, policy, tally)
         return DeidReport(
@@ -108,13 +108,18 @@ def _deidentify_bundle(
     pseudonymizer: Pseudonymizer,
     policy: DeidPolicy,
     tally: Tally,
+    limits: SlideLimits | None,
 ) -> DeidReport:
     """Multi-file slides (services/shared/wsi/bundle.py): MRXS, or a DICOM series."""
     res: mrxs.MrxsResult | dicom_deid.SeriesResult
     if fmt is SlideFormat.MIRAX:
+        try:
+            inspect_slide(src, fmt, limits)  # reads Slidedat.ini only
+        except InvalidSlide as exc:
+            raise DeidRejected(exc.reason, exc.message) from exc
         res = mrxs.deidentify_mrxs_bundle(src, dst, pseudonymizer, policy, tally)
     elif fmt is SlideFormat.DICOM_WSI:
-        res = dicom_deid.deidentify_dicom_series(src, dst, pseudonymizer, policy, tally)
+        res = dicom_deid.deidentify_dicom_series(src, dst, pseudonymizer, policy, tally, limits)
     else:
         raise DeidRejected(UNSUPPORTED_FORMAT, f"format {fmt.value} does not come as a bundle")
     w, h = res.level_dimensions[0]

@@ -65,8 +65,11 @@ from services.shared.wsi import codestream
 from services.shared.wsi.sniff import (
     DicomHeader,
     DicomStructureError,
+    InvalidSlide,
+    SlideLimits,
     dicom_objective_power,
     dicom_pixel_spacing_um,
+    inspect_dicom_series,
     read_dicom_header,
 )
 
@@ -552,7 +555,12 @@ def _shows_label(ds: Dataset) -> bool:
 
 
 def deidentify_dicom_series(
-    src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
+    src: Path,
+    dst: Path,
+    pseudonymizer: Pseudonymizer,
+    policy: DeidPolicy,
+    tally: Tally,
+    limits: SlideLimits | None = None,
 ) -> SeriesResult:
     """A bundle of the instances of one slide: LABEL / OVERVIEW / localizer instances are
     dropped, a THUMBNAIL is kept only when it is not marked as showing the label, every other
@@ -564,6 +572,10 @@ def deidentify_dicom_series(
 
     with bundle_scratch(dst) as tmp:
         _lay, files = unpack_bundle(src, tmp / "in", bundle.KIND_DICOM)
+        try:  # the structural checks of ingestion (one series, geometry, frames), once more
+            inspect_dicom_series(list(files.values()), limits or SlideLimits(), 0)
+        except InvalidSlide as exc:
+            raise DeidRejected(exc.reason, exc.message) from exc
         headers = []
         for path in files.values():
             ds = load_header(path).dataset

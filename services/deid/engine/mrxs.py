@@ -33,9 +33,10 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from services.deid.engine.model import (
     MALFORMED_FILE,
@@ -67,6 +68,7 @@ ASSOCIATED_VALUES = {
 POSITION_RECORD = 9  # flag byte + int32 x + int32 y
 _MAX_PAGES = 1 << 20
 _MAX_POSITION_BYTES = 64 << 20
+_MAX_INDEX_BYTES = 256 << 20
 
 _INT = re.compile(r"^-?\d{1,9}$")
 _NUM = re.compile(r"^-?\d{1,9}(?:\.\d{1,12})?(?:[eE][-+]?\d{1,3})?$")
@@ -164,12 +166,6 @@ class MrxsResult:
     mpp_y: float | None
     objective_power: float | None
     output_size: int
-
-
-@dataclass
-class _Out:
-    general: list[tuple[str, str]] = field(default_factory=list)
-    levels: list[list[tuple[str, str]]] = field(default_factory=list)
 
 
 def _layers(ini: bundle.IniFile, kind: str) -> list[Layer]:
@@ -365,9 +361,9 @@ def clean_level(p: Parsed, n: int, section: str) -> list[tuple[str, str]]:
     return out
 
 
-def _check_position_data(path: Path, item: Item, layer: str) -> None:
-    with open(path, "rb") as fh:
-        fh.seek(item.offset)
+def _check_position_data(src: bundle.Source, item: Item, layer: str) -> None:
+    with open(src.path, "rb") as fh:
+        fh.seek(src.offset + item.offset)
         raw = fh.read(min(item.length, _MAX_POSITION_BYTES))
     if layer == "StitchingIntensityLayer":
         try:
@@ -380,36 +376,56 @@ def _check_position_data(path: Path, item: Item, layer: str) -> None:
 
 
 # --- the slide -------------------------------------------------------------------------------
+def _sources(
+    src: Path, members: dict[str, bundle.Member], names: list[str], scratch: Path
+) -> list[bundle.Source]:
+    """The bytes of each named member: in place when stored (a bundle built by the CLI),
+    else inflated once into ``scratch``."""
+    out = []
+    for i, name in enumerate(names):
+        m = members.get(name)
+        if m is None:
+            raise DeidRejected(MALFORMED_FILE, f"data file FILE_{i} is missing from the bundle")
+        try:
+            where = bundle.stored_source(src, m)
+            if where is None:
+                path = bundle.extract(src, scratch / f"m{i}", [m])[m.name]
+                where = bundle.Source(path, 0, path.stat().st_size)
+        except bundle.BundleError as exc:
+            raise DeidRejected(exc.reason, exc.message) from exc
+        out.append(where)
+    return out
+
+
+def _small(src: Path, members: dict[str, bundle.Member], name: str, what: str, cap: int) -> bytes:
+    m = members.get(name)
+    if m is None:
+        raise DeidRejected(MALFORMED_FILE, f"{what} is missing from the bundle")
+    try:
+        return bundle.read_member(src, m, cap)
+    except bundle.BundleError as exc:
+        raise DeidRejected(MALFORMED_FILE, f"{what} is too large or corrupt") from exc
+
+
 def deidentify_mrxs(
-    src_root: Path,
+    src: Path,
     lay: bundle.BundleLayout,
-    files: dict[str, Path],
-    out_root: Path,
+    scratch: Path,
     pseudonymizer: Pseudonymizer,
     policy: DeidPolicy,
     tally: Tally,
-) -> tuple[MrxsResult, list[tuple[str, Path]]]:
-    """Write the de-identified slide below ``out_root``; returns the result and the
-    (bundle name, path) pairs to pack."""
+) -> tuple[MrxsResult, list[tuple[str, bytes | bundle.MemberWriter]]]:
+    """De-identify the MRXS slide of bundle ``src``; returns the result and the members of
+    the output bundle (data files as writers that stream kept bytes from the input)."""
     d = lay.data_dir
-    ini_path = files[f"{d}/Slidedat.ini"]
-    if ini_path.stat().st_size > bundle.SLIDEDAT_MAX_BYTES:
-        raise DeidRejected(MALFORMED_FILE, "Slidedat.ini is too large")
-    p = parse(ini_path.read_bytes())
+    members = {m.name: m for m in lay.members}
+    p = parse(_small(src, members, f"{d}/Slidedat.ini", "Slidedat.ini", bundle.SLIDEDAT_MAX_BYTES))
     general = clean_general(p, pseudonymizer, tally)
-    data_paths = []
-    for i, name in enumerate(p.datafiles):
-        path = files.get(f"{d}/{name}")
-        if path is None:
-            raise DeidRejected(MALFORMED_FILE, f"data file FILE_{i} is missing from the bundle")
-        data_paths.append(path)
-    index_path = files.get(f"{d}/{p.index_name}")
-    if index_path is None:
-        raise DeidRejected(MALFORMED_FILE, "the index file is missing from the bundle")
-    if index_path.stat().st_size > 1 << 30:
-        raise DeidRejected(MALFORMED_FILE, "the index file is too large")
-    index = _Index(index_path.read_bytes(), p.slide_id)
-    sizes = [q.stat().st_size for q in data_paths]
+    sources = _sources(src, members, [f"{d}/{n}" for n in p.datafiles], scratch)
+    index = _Index(
+        _small(src, members, f"{d}/{p.index_name}", "the index file", _MAX_INDEX_BYTES), p.slide_id
+    )
+    sizes = [q.size for q in sources]
     hier_root, non_root = index.roots
     zoom = p.hier[0]
     levels: list[list[Item]] = []
@@ -420,9 +436,9 @@ def deidentify_mrxs(
         if not items:
             raise DeidRejected(MALFORMED_FILE, f"zoom level {n} has no image")
         levels.append(items)
-    for extra in p.hier[1:]:
+    for _extra in p.hier[1:]:
         tally.remove("mrxs_layer.hierarchical")  # focus levels etc.: OpenSlide reads HIER_0 only
-        for _val, section in extra.values:
+        for _val, section in _extra.values:
             for value in p.ini.sections.get(section, {}).values():
                 _identifying(tally, value)
     kept_layers: list[tuple[str, list[list[Item]]]] = []
@@ -445,7 +461,7 @@ def deidentify_mrxs(
         if layer.name in POSITION_LAYERS:
             for items in recs:
                 for it in items:
-                    _check_position_data(data_paths[it.file], it, layer.name)
+                    _check_position_data(sources[it.file], it, layer.name)
             kept_layers.append((layer.name, recs))
         elif layer.name != SCAN_DATA_LAYER:
             raise DeidRejected(
@@ -466,9 +482,10 @@ def deidentify_mrxs(
     for n, items in enumerate(levels):
         by_file: dict[int, list[tuple[int, int]]] = {}
         for it in items:
-            by_file.setdefault(it.file, []).append((it.offset, it.length))
+            base = sources[it.file].offset
+            by_file.setdefault(it.file, []).append((base + it.offset, it.length))
         for fileno, frags in by_file.items():
-            with open(data_paths[fileno], "rb") as fh:
+            with open(sources[fileno].path, "rb") as fh:
                 bad = codestream.frame_text_problem(fh, frags)
             if bad is not None:
                 raise DeidRejected(
@@ -480,20 +497,23 @@ def deidentify_mrxs(
     keep: dict[int, list[tuple[int, int]]] = {}
     for it in [i for lv in levels for i in lv] + [i for r in kept_nonhier for i in r]:
         keep.setdefault(it.file, []).append((it.offset, it.offset + it.length))
-    out_dir = out_root / OUT_DIR
-    out_dir.mkdir(parents=True)
-    names = [f"Data{i:04d}.dat" for i in range(len(data_paths))]
+    names = [f"Data{i:04d}.dat" for i in range(len(sources))]
+    out: list[tuple[str, bytes | bundle.MemberWriter]] = []
     zeroed = 0
-    for i, path in enumerate(data_paths):
-        zeroed += _copy_kept(path, out_dir / names[i], keep.get(i, []), policy.buffer_size)
+    for i, source in enumerate(sources):
+        spans = _merge(keep.get(i, []))
+        zeroed += source.size - sum(e - s for s, e in spans)
+        out.append((f"{OUT_DIR}/{names[i]}", _kept_writer(source, spans, policy.buffer_size)))
     if zeroed:
         tally.remove("mrxs_unreferenced_data")
-    (out_dir / OUT_INDEX).write_bytes(build_index(new_id, levels, kept_nonhier))
     ini_text = _render_ini(general, level_keys, kept_layers, names)
-    (out_dir / "Slidedat.ini").write_bytes(ini_text.encode("utf-8"))
-    (out_root / OUT_MRXS).write_bytes(b"")
+    out += [
+        (OUT_MRXS, b""),
+        (f"{OUT_DIR}/{OUT_INDEX}", build_index(new_id, levels, kept_nonhier)),
+        (f"{OUT_DIR}/Slidedat.ini", ini_text.encode("utf-8")),
+    ]
     dropped = (
-        set(files)
+        set(members)
         - {f"{d}/Slidedat.ini", f"{d}/{p.index_name}"}
         - {f"{d}/{n}" for n in p.datafiles}
         - {lay.mrxs_name}
@@ -501,12 +521,9 @@ def deidentify_mrxs(
     if dropped:
         tally.remove("mrxs_unreferenced_file")
     geo = bundle.mrxs_geometry(bundle.parse_ini(ini_text.encode()))
-    members = [(OUT_MRXS, out_root / OUT_MRXS)] + [
-        (f"{OUT_DIR}/{q.name}", q) for q in sorted(out_dir.iterdir())
-    ]
     return (
         MrxsResult(list(geo.level_dimensions), geo.mpp_x, geo.mpp_y, geo.objective_power, 0),
-        members,
+        out,
     )
 
 
@@ -518,45 +535,46 @@ def _check_sections(p: Parsed) -> None:
         raise DeidRejected(UNKNOWN_MRXS_KEY, "Slidedat.ini holds a section no layer refers to")
 
 
-def _copy_kept(src: Path, dst: Path, spans: list[tuple[int, int]], buffer_size: int) -> int:
-    """Copy ``src`` to ``dst`` keeping the bytes of ``spans`` and zeroing all others (same
-    size, so every kept offset stays valid). Returns the number of bytes zeroed."""
-    size = src.stat().st_size
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[tuple[int, int]] = []
     for s, e in sorted(spans):
         if merged and s <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], e))
         else:
             merged.append((s, e))
-    zeroed = 0
+    return merged
+
+
+def _kept_writer(
+    src: bundle.Source, spans: list[tuple[int, int]], buffer_size: int
+) -> bundle.MemberWriter:
+    """A data file of the same size as ``src`` holding the bytes of ``spans`` (merged, in
+    order) and zeros everywhere else, so every kept offset stays valid."""
     zeros = bytes(min(buffer_size, 1 << 20))
 
-    def fill(fout: object, n: int) -> None:
-        write: Callable[[bytes], object] = fout.write  # type: ignore[attr-defined]
-        while n:
-            k = min(n, len(zeros))
-            write(zeros[:k])
-            n -= k
+    def write(fout: IO[bytes]) -> None:
+        def fill(n: int) -> None:
+            while n:
+                k = min(n, len(zeros))
+                fout.write(zeros[:k])
+                n -= k
 
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        pos = 0
-        for s, e in merged:
-            if s > pos:
-                fill(fout, s - pos)
-                zeroed += s - pos
-            fin.seek(s)
-            left = e - s
-            while left:
-                chunk = fin.read(min(left, buffer_size))
-                if not chunk:
-                    raise DeidRejected(MALFORMED_FILE, "a data file ended early")
-                fout.write(chunk)
-                left -= len(chunk)
-            pos = e
-        if size > pos:
-            fill(fout, size - pos)
-            zeroed += size - pos
-    return zeroed
+        with open(src.path, "rb") as fin:
+            pos = 0
+            for s, e in spans:
+                fill(s - pos)
+                fin.seek(src.offset + s)
+                left = e - s
+                while left:
+                    chunk = fin.read(min(left, buffer_size))
+                    if not chunk:
+                        raise DeidRejected(MALFORMED_FILE, "a data file ended early")
+                    fout.write(chunk)
+                    left -= len(chunk)
+                pos = e
+            fill(src.size - pos)
+
+    return bundle.MemberWriter(src.size, write)
 
 
 def _render_ini(
@@ -593,12 +611,17 @@ def _render_ini(
 def deidentify_mrxs_bundle(
     src: Path, dst: Path, pseudonymizer: Pseudonymizer, policy: DeidPolicy, tally: Tally
 ) -> MrxsResult:
-    """Unpack the bundle to scratch beside ``dst``, de-identify, repack to ``dst``."""
+    """Read the bundle in place (deflated members are inflated to scratch beside ``dst``),
+    de-identify, and stream the output bundle to ``dst``: for a stored bundle the data files
+    are read once and written once."""
+    try:
+        lay = bundle.layout(src)
+    except bundle.BundleError as exc:
+        raise DeidRejected(exc.reason, exc.message) from exc
+    if lay.kind != bundle.KIND_MRXS:
+        raise DeidRejected("FORMAT_MISMATCH", "the bundle does not hold an MRXS slide")
     with bundle_scratch(dst) as tmp:
-        lay, files = unpack_bundle(src, tmp / "in", bundle.KIND_MRXS)
-        res, members = deidentify_mrxs(
-            tmp / "in", lay, files, tmp / "out", pseudonymizer, policy, tally
-        )
+        res, members = deidentify_mrxs(src, lay, tmp, pseudonymizer, policy, tally)
         size = bundle.pack(dst, members)
     return MrxsResult(res.level_dimensions, res.mpp_x, res.mpp_y, res.objective_power, size)
 

@@ -714,13 +714,16 @@ def _scan_entropy(data: bytes, index: int, k: int) -> None:
     if bool(((arr[:-1] == 0xFF) & _TEXT_MARKER[arr[1:]]).any()):
         raise _fail(f"IFD {index}: tile {k} carries a comment/APPn segment after its header")
 
+
 # --- bundles: MRXS and DICOM series ----------------------------------------------------------
-# Re-read from the output ZIP alone: names, Slidedat.ini keys against the output keep-list,
-# our own walk of Index.dat, every data-file byte either inside a kept image/record or zero,
-# the tiles' JPEG headers, OpenSlide (vendor, no associated image, a region decodes, only
-# allowed mirax.* properties); DICOM series: every instance through the single-instance
-# checks, one Study/Series/Frame of Reference UID in all, no LABEL/OVERVIEW. The forbidden
-# values are searched in every member.
+# Re-read from the output ZIP alone. MRXS, in place (the output is a stored bundle): names,
+# Slidedat.ini keys and values against the output keep-list, our own walk of Index.dat, every
+# data-file byte either inside a kept image/record or zero, sample images of every level
+# decoded, OpenSlide on a sparse copy holding the lowest level (vendor, no associated image,
+# only allowed mirax.* properties, the level decodes). DICOM series: every instance through
+# the single-instance checks, one Study/Series/Frame of Reference UID in all, nothing but
+# VOLUME/THUMBNAIL. The forbidden values are searched in every byte of the bundle (and,
+# with short values too, in the metadata members).
 _MRXS_NAME = re.compile(r"^slide/(?:Slidedat\.ini|Index\.dat|Data\d{4}\.dat)$")
 _MRXS_LEVEL_KEYS = frozenset(
     {
@@ -750,32 +753,50 @@ def _verify_bundle(
     try:
         try:
             lay = bundle.layout(path)
-            files = bundle.extract(path, tmp, lay.members)
+            members = {m.name: m for m in lay.members}
+            sources = {n: bundle.stored_source(path, m) for n, m in members.items()}
         except bundle.BundleError as exc:
             raise _fail(f"output bundle: {exc.reason}") from exc
+        if any(s is None for s in sources.values()):
+            raise _fail("the output bundle holds a compressed member")
+        placed = {n: s for n, s in sources.items() if s is not None}
+        meta: list[tuple[int, int]] = []
         if fmt is SlideFormat.MIRAX and lay.kind == bundle.KIND_MRXS:
-            _verify_mrxs(tmp, files)
+            _verify_mrxs(path, placed, tmp)
+            meta = [(s.offset, s.offset + s.size) for n, s in placed.items() if n[-4:] != ".dat"]
         elif fmt is SlideFormat.DICOM_WSI and lay.kind == bundle.KIND_DICOM:
-            _verify_dicom_series(files, policy)
+            try:
+                files = bundle.extract(path, tmp, lay.members)
+            except bundle.BundleError as exc:
+                raise _fail(f"output bundle: {exc.reason}") from exc
+            regions = _verify_dicom_series(files, policy)
+            for name, f in files.items():  # the elements before Pixel Data: every pattern
+                search_forbidden(f, forbidden, regions[name], policy)
         else:
             raise _fail("the output bundle does not hold the input format")
-        for name in sorted(files):
-            meta = [(0, files[name].stat().st_size)] if not name.endswith(".dat") else []
-            search_forbidden(files[name], forbidden, meta, policy)
-        search_forbidden(path, forbidden, [], policy)
+        search_forbidden(path, forbidden, meta, policy)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _verify_mrxs(root: Path, files: dict[str, Path]) -> None:
-    names = set(files)
-    if "slide.mrxs" not in names or files["slide.mrxs"].stat().st_size:
+def _read_source(path: Path, src: bundle.Source) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(src.offset)
+        return fh.read(src.size)
+
+
+def _verify_mrxs(path: Path, sources: dict[str, bundle.Source], tmp: Path) -> None:
+    names = set(sources)
+    if "slide.mrxs" not in names or sources["slide.mrxs"].size:
         raise _fail("the output MRXS file is missing or not empty")
     if not all(_MRXS_NAME.match(n) for n in names - {"slide.mrxs"}):
         raise _fail("the output bundle holds an unexpected member")
+    if "slide/Slidedat.ini" not in names or sources["slide/Slidedat.ini"].size > 1 << 20:
+        raise _fail("the output Slidedat.ini is missing or too large")
+    ini_bytes = _read_source(path, sources["slide/Slidedat.ini"])
     try:
-        ini = bundle.parse_ini(files["slide/Slidedat.ini"].read_bytes())
-    except (bundle.BundleError, KeyError) as exc:
+        ini = bundle.parse_ini(ini_bytes)
+    except bundle.BundleError as exc:
         raise _fail("the output Slidedat.ini cannot be read") from exc
     levels = {f"LAYER_0_LEVEL_{n}_SECTION" for n in range(64)}
     for section, keys in ini.sections.items():
@@ -789,50 +810,92 @@ def _verify_mrxs(root: Path, files: dict[str, Path]) -> None:
             else:
                 ok = section in levels and key in _MRXS_LEVEL_KEYS
             if not ok or not _MRXS_VALUE.match(value):
-                raise _fail(
-                    f"the output Slidedat.ini holds a key outside the keep-list ({section})"
-                )
+                raise _fail(f"output Slidedat.ini: a key outside the keep-list ({section})")
             if section == "HIERARCHICAL" and key.endswith("_NAME"):
                 if key.startswith("HIER_") and value != "Slide zoom level":
                     raise _fail("the output holds a hierarchical layer other than the zoom levels")
                 if key.startswith("NONHIER_") and value not in _MRXS_LAYERS:
                     raise _fail("the output holds a non-hierarchical layer other than positions")
-    spans = _mrxs_index_spans(root / "slide", ini)
-    for name, path in files.items():
-        if not name.endswith(".dat") or name == "slide/Index.dat":
-            continue
-        _check_zero_outside(path, spans.get(Path(name).name, []))
-    _check_mrxs_openslide(root / "slide.mrxs")
+    index_name = f"slide/{ini.get('HIERARCHICAL', 'INDEXFILE') or ''}"
+    if index_name not in sources:
+        raise _fail("the output index file is missing")
+    index = _read_source(path, sources[index_name])
+    try:
+        records = _mrxs_index_records(index, ini)
+        files = [
+            f"slide/{ini.get('DATAFILE', f'FILE_{i}') or ''}"
+            for i in range(ini.int("DATAFILE", "FILE_COUNT"))
+        ]
+    except bundle.BundleError as exc:
+        raise _fail("the output Slidedat.ini does not describe the index") from exc
+    if set(files) | {"slide.mrxs", "slide/Slidedat.ini", index_name} != names:
+        raise _fail("the output bundle members do not match Slidedat.ini")
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for _level, items in records:
+        for off, length, fileno in items:
+            if not 0 <= fileno < len(files) or off < 0 or length < 0:
+                raise _fail("the output index names an unknown data file")
+            if off + length > sources[files[fileno]].size:
+                raise _fail("an output index item runs past its data file")
+            spans.setdefault(fileno, []).append((off, off + length))
+    for i, name in enumerate(files):
+        _check_zero_outside(path, sources[name], spans.get(i, []))
+    _decode_mrxs_samples(path, [sources[f] for f in files], records)
+    # OpenSlide on a sparse copy: the metadata and the bytes of the lowest level and of the
+    # position records (what it reads when opening and when reading that level)
+    lowest = max(level for level, _items in records)
+    folder = tmp / "slide"
+    folder.mkdir(parents=True)
+    (tmp / "slide.mrxs").write_bytes(b"")
+    (folder / "Slidedat.ini").write_bytes(ini_bytes)
+    (folder / Path(index_name).name).write_bytes(index)
+    handles = {}
+    try:
+        for i, name in enumerate(files):
+            handles[i] = open(folder / Path(name).name, "wb")  # noqa: SIM115 - closed below
+            handles[i].truncate(sources[name].size)
+        with open(path, "rb") as fin:
+            for level, items in records:
+                if level not in (lowest, -1):
+                    continue
+                for off, length, fileno in items:
+                    fin.seek(sources[files[fileno]].offset + off)
+                    handles[fileno].seek(off)
+                    handles[fileno].write(fin.read(length))
+    finally:
+        for h in handles.values():
+            h.close()
+    _check_mrxs_openslide(tmp / "slide.mrxs", lowest)
 
 
-def _mrxs_index_spans(folder: Path, ini: bundle.IniFile) -> dict[str, list[tuple[int, int]]]:
-    """Walk Index.dat (independently of the writer): data spans per data file name."""
+def _mrxs_index_records(
+    data: bytes, ini: bundle.IniFile
+) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Walk Index.dat (independently of the writer): (zoom level or -1 for a
+    non-hierarchical record, [(offset, length, data file)])."""
     import struct
 
-    data = (folder / (ini.get("HIERARCHICAL", "INDEXFILE") or "")).read_bytes()
     sid = (ini.get("GENERAL", "SLIDE_ID") or "").encode()
     if not data.startswith(b"01.02" + sid):
         raise _fail("the output index does not start with the version and SLIDE_ID")
 
     def ints(at: int, n: int) -> tuple[int, ...]:
-        if at < 0 or at + 4 * n > len(data):
+        if at < 0 or n < 0 or at + 4 * n > len(data):
             raise _fail("the output index points outside itself")
         return struct.unpack_from(f"<{n}i", data, at)
 
     hier_root, non_root = ints(5 + len(sid), 2)
-    files = [
-        ini.get("DATAFILE", f"FILE_{i}") or "" for i in range(ini.int("DATAFILE", "FILE_COUNT"))
-    ]
-    out: dict[str, list[tuple[int, int]]] = {}
-    records = [(hier_root, n, 4) for n in range(ini.int("HIERARCHICAL", "HIER_0_COUNT"))]
+    wanted = [(hier_root, n, 4, n) for n in range(ini.int("HIERARCHICAL", "HIER_0_COUNT"))]
     total = sum(
         ini.int("HIERARCHICAL", f"NONHIER_{i}_COUNT")
         for i in range(ini.int("HIERARCHICAL", "NONHIER_COUNT"))
     )
-    records += [(non_root, n, 5) for n in range(total)]
-    for table, n, width in records:
+    wanted += [(non_root, n, 5, -1) for n in range(total)]
+    out = []
+    for table, n, width, level in wanted:
         (page,) = ints(table + 4 * n, 1)
         seen: set[int] = set()
+        items: list[tuple[int, int, int]] = []
         while True:
             if page in seen:
                 raise _fail("the output index has a page loop")
@@ -841,23 +904,19 @@ def _mrxs_index_spans(folder: Path, ini: bundle.IniFile) -> dict[str, list[tuple
             body = ints(page + 8, count * width)
             for k in range(0, len(body), width):
                 off, length, fileno = body[k + width - 3 : k + width]
-                if not 0 <= fileno < len(files):
-                    raise _fail("the output index names an unknown data file")
-                out.setdefault(files[fileno], []).append((off, off + length))
+                items.append((off, length, fileno))
             if not nxt:
                 break
             page = nxt
+        out.append((level, items))
     return out
 
 
-def _check_zero_outside(path: Path, spans: list[tuple[int, int]]) -> None:
-    size = path.stat().st_size
+def _check_zero_outside(path: Path, src: bundle.Source, spans: list[tuple[int, int]]) -> None:
     pos = 0
     with open(path, "rb") as fh:
-        for start, end in [*_merge(spans), (size, size)]:
-            if end > size:
-                raise _fail("an output index item runs past its data file")
-            fh.seek(pos)
+        for start, end in [*_merge(spans), (src.size, src.size)]:
+            fh.seek(src.offset + pos)
             left = start - pos
             while left > 0:
                 chunk = fh.read(min(left, 8 << 20))
@@ -867,7 +926,35 @@ def _check_zero_outside(path: Path, spans: list[tuple[int, int]]) -> None:
             pos = max(pos, end)
 
 
-def _check_mrxs_openslide(path: Path) -> None:
+def _decode_mrxs_samples(
+    path: Path,
+    sources: list[bundle.Source],
+    records: list[tuple[int, list[tuple[int, int, int]]]],
+) -> None:
+    import io
+
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        for level, items in records:
+            if level < 0 or not items:
+                continue
+            for k in sorted({0, len(items) // 2, len(items) - 1}):
+                off, length, fileno = items[k]
+                fh.seek(sources[fileno].offset + off)
+                data = fh.read(length)
+                if codestream.scan_header(data[: 1 << 20]) is None or data[:2] != b"\xff\xd8":
+                    raise DeidRejected(CORRUPT_IMAGE_DATA, f"zoom level {level}: not a JPEG image")
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.load()
+                except Exception as exc:
+                    raise DeidRejected(
+                        CORRUPT_IMAGE_DATA, f"zoom level {level}: an image does not decode"
+                    ) from exc
+
+
+def _check_mrxs_openslide(path: Path, lowest: int) -> None:
     import openslide
 
     try:
@@ -882,22 +969,27 @@ def _check_mrxs_openslide(path: Path) -> None:
         for key in slide.properties:
             if key.startswith("mirax.GENERAL.") and key[14:] not in _MRXS_GENERAL_KEYS:
                 raise _fail("OpenSlide shows a Slidedat.ini key outside the keep-list")
-        w, h = slide.level_dimensions[0]
+        if slide.level_count != lowest + 1:
+            raise _fail("OpenSlide and the index disagree on the number of levels")
+        w, h = slide.level_dimensions[lowest]
         try:
-            slide.read_region((w // 4, h // 4), 0, (min(w // 2, 512), min(h // 2, 512)))
+            slide.read_region((0, 0), lowest, (min(w, 2048), min(h, 2048)))
         except openslide.OpenSlideError as exc:
-            raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot decode level 0") from exc
+            raise DeidRejected(CORRUPT_IMAGE_DATA, "OpenSlide cannot decode the output") from exc
     finally:
         slide.close()
 
 
-def _verify_dicom_series(files: dict[str, Path], policy: DeidPolicy) -> None:
+def _verify_dicom_series(
+    files: dict[str, Path], policy: DeidPolicy
+) -> dict[str, list[tuple[int, int]]]:
     if not files or not all(re.match(r"^instance-\d{4}\.dcm$", n) for n in files):
         raise _fail("the output bundle holds an unexpected member")
     uids: set[tuple[str, str, str]] = set()
     flavors = []
+    regions = {}
     for name in sorted(files):
-        _verify_dicom(files[name], policy)  # every instance, as a single instance
+        regions[name] = _verify_dicom(files[name], policy)  # every instance, as a single one
         ds = read_dicom_header(files[name]).dataset
         uids.add(
             (
@@ -914,3 +1006,4 @@ def _verify_dicom_series(files: dict[str, Path], policy: DeidPolicy) -> None:
         raise _fail("the output instances do not share one study, series and frame of reference")
     if "VOLUME" not in flavors or set(flavors) - {"VOLUME", "THUMBNAIL"}:
         raise _fail("the output series holds an instance other than VOLUME/THUMBNAIL")
+    return regions

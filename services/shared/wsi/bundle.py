@@ -22,13 +22,17 @@ never member names (they can carry patient names).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
+import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
@@ -259,24 +263,71 @@ def extract(
     return out
 
 
-def pack(dst: Path, files: Sequence[tuple[str, Path]]) -> int:
+@dataclass(frozen=True)
+class Source:
+    """Where a member's bytes are: a file, or a stored member in place inside its ZIP."""
+
+    path: Path
+    offset: int
+    size: int
+
+
+def stored_source(path: str | os.PathLike[str], member: Member) -> Source | None:
+    """The in-place bytes of a stored (uncompressed) member, read without extracting it;
+    None for a deflated member."""
+    info = member.info
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        head = fh.read(30)
+    if len(head) != 30 or head[:4] != ZIP_MAGIC:
+        raise BundleError(BAD_BUNDLE, "a member's local header is missing")
+    name_len, extra_len = struct.unpack_from("<HH", head, 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > size:
+        raise BundleError(BAD_BUNDLE, "a member runs past the end of the bundle")
+    return Source(Path(path), start, info.file_size)
+
+
+@dataclass(frozen=True)
+class MemberWriter:
+    """A member written by a function (streamed into the bundle, never staged on disk)."""
+
+    size: int
+    write: Callable[[IO[bytes]], None]
+
+
+def pack(dst: Path, files: Sequence[tuple[str, Path | bytes | MemberWriter]]) -> int:
     """Write a canonical bundle: members in name order, stored, fixed timestamps and modes,
     so the same files always give the same bytes. Returns the bundle size."""
     tmp = dst.with_name(f".{dst.name}.partial")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, src in sorted(files, key=lambda f: f[0]):
-            info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = (stat.S_IFREG | 0o644) << 16
-            info.create_system = 3
-            size = src.stat().st_size
-            with open(src, "rb") as fin, zf.open(info, "w", force_zip64=size >= 1 << 31) as fout:
-                while True:
-                    chunk = fin.read(8 << 20)
-                    if not chunk:
-                        break
-                    fout.write(chunk)
-    os.replace(tmp, dst)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, src in sorted(files, key=lambda f: f[0]):
+                info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.create_system = 3
+                if isinstance(src, bytes):
+                    size = len(src)
+                elif isinstance(src, MemberWriter):
+                    size = src.size
+                else:
+                    size = src.stat().st_size
+                with zf.open(info, "w", force_zip64=size >= 1 << 31) as fout:
+                    if isinstance(src, bytes):
+                        fout.write(src)
+                    elif isinstance(src, MemberWriter):
+                        src.write(fout)
+                    else:
+                        with open(src, "rb") as fin:
+                            shutil.copyfileobj(fin, fout, 8 << 20)
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return dst.stat().st_size
 
 

@@ -368,7 +368,7 @@ def inspect_bundle(path: Path, fmt: SlideFormat | None, limits: SlideLimits) -> 
 
         with tempfile.TemporaryDirectory(prefix=".inspect-", dir=path.parent) as tmp:
             files = bundle.extract(path, Path(tmp), lay.members)
-            return _inspect_dicom_series(list(files.values()), limits, size)
+            return inspect_dicom_series(list(files.values()), limits, size)
     except bundle.BundleError as exc:
         raise _bundle_invalid(exc) from exc
 
@@ -382,7 +382,7 @@ def dicom_flavor(ds: Any) -> str:
     return image_type[2] if len(image_type) > 2 else ""
 
 
-def _inspect_dicom_series(files: list[Path], limits: SlideLimits, size: int) -> SlideInfo:
+def inspect_dicom_series(files: list[Path], limits: SlideLimits, size: int) -> SlideInfo:
     series: set[tuple[str, str]] = set()
     volumes: list[SlideInfo] = []
     for f in files:
