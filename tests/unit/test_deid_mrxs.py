@@ -308,3 +308,17 @@ def test_tiling_opens_the_deidentified_bundle(out: tuple[Path, object], tmp_path
     slide = openslide.OpenSlide(str(entry))
     assert slide.level_count == 3
     slide.close()
+
+
+def test_deflated_upload_bundle_is_accepted(fx: wsigen.Fixture, tmp_path: Path) -> None:
+    """A bundle zipped by hand (deflate, one top folder) works like the CLI's stored one."""
+    assert fx.source is not None
+    src = tmp_path / "by-hand.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(fx.source.parent.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"export/{p.relative_to(fx.source.parent).as_posix()}")
+    dst = tmp_path / "o.zip"
+    report = deidentify_and_verify(src, dst, SlideFormat.MIRAX, P)
+    assert report.removed == fx.removed
+    assert _leaks(_all_bytes(dst), fx.planted) == []
