@@ -821,7 +821,8 @@ def _check_rules(rules: Sequence[tuple[str, str]]) -> dict[str, str]:
     for key, action in rules:
         if not RULE_KEY.fullmatch(key):
             raise InvalidArgument(
-                "a rule key is 'tiff:<tag>', 'svs:<field>' or 'ndpi:<key>'", "BAD_RULE_KEY"
+                "a rule key is 'tiff:<tag>', 'svs:<field>', 'ndpi:<key>' or 'philips:<name>'",
+                "BAD_RULE_KEY",
             )
         if action not in RULE_ACTIONS:
             raise InvalidArgument("a rule's action is REMOVE or KEEP", "BAD_RULE_ACTION")

@@ -14,7 +14,13 @@ import openslide
 import pytest
 
 from services.deid.core import DeidStage
-from services.deid.engine import DeidNeedsReview, DeidPolicy, deidentify, deidentify_and_verify
+from services.deid.engine import (
+    DeidNeedsReview,
+    DeidPolicy,
+    DeidRejected,
+    deidentify,
+    deidentify_and_verify,
+)
 from services.metadata.core import Catalogue
 from services.metadata.mapping import slide_to_proto
 from services.shared.access import StaticAccessChecker
@@ -225,6 +231,34 @@ def test_unknown_ndpi_property_is_held_then_kept_by_rule(tmp_path: Path) -> None
     remove = DeidPolicy(approved_rules=(("ndpi:scanner.mode", "remove"),))
     deidentify_and_verify(crafted, dst, SlideFormat.HAMAMATSU_NDPI, P, remove)
     assert "scanner.mode" not in tiff.read_tiff(dst).ifds[0].tags[65449].text()
+
+
+def test_unknown_philips_attribute_is_held_then_ruled(tmp_path: Path) -> None:
+    extra = wsigen._attr("PIM_DP_SCANNER_MODE", "FAST-7Q4Z")
+    src = wsigen.make_philips(tmp_path / "p.tiff", extra_attr=extra)
+    dst = tmp_path / "o.tiff"
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(src, dst, SlideFormat.PHILIPS_TIFF, P)
+    assert [i.key for i in e.value.items] == ["philips:PIM_DP_SCANNER_MODE"]
+    assert "FAST-7Q4Z" not in str(e.value) and not dst.exists()
+    keep = DeidPolicy(approved_rules=(("philips:PIM_DP_SCANNER_MODE", "keep"),))
+    deidentify_and_verify(src, dst, SlideFormat.PHILIPS_TIFF, P, keep)
+    assert b"FAST-7Q4Z" in dst.read_bytes()
+    remove = DeidPolicy(approved_rules=(("philips:PIM_DP_SCANNER_MODE", "remove"),))
+    report = deidentify_and_verify(src, dst, SlideFormat.PHILIPS_TIFF, P, remove)
+    assert b"PIM_DP_SCANNER_MODE" not in dst.read_bytes()
+    assert report.removed["philips.PIM_DP_SCANNER_MODE"] == 1
+    # a nested unknown attribute may be removed, never kept
+    nested = wsigen._attr("PIM_DP_VENDOR_BLOCK", "<Array></Array>")
+    src2 = wsigen.make_philips(tmp_path / "p2.tiff", extra_attr=nested)
+    with pytest.raises(DeidRejected, match="has structure"):
+        deidentify(
+            src2,
+            dst,
+            SlideFormat.PHILIPS_TIFF,
+            P,
+            DeidPolicy(approved_rules=(("philips:PIM_DP_VENDOR_BLOCK", "keep"),)),
+        )
 
 
 # --- review -> approve / reject --------------------------------------------------------------

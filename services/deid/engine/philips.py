@@ -149,8 +149,15 @@ def _clean_object(obj: XmlNode, tally: Tally) -> XmlNode:
             tally.remove(f"philips.{name}", attr.text.strip())
         elif name in REMOVE_OTHER:
             tally.remove(f"philips.{name}")
-        else:
-            raise DeidRejected(UNKNOWN_PHILIPS_ATTRIBUTE, f"Philips attribute {_safe(name)!r}")
+        elif tally.unknown("philips", name, UNKNOWN_PHILIPS_ATTRIBUTE, "Philips XML attribute"):
+            # a data steward's rule keeps it: a plain value only, never nested structure
+            if attr.children:
+                raise DeidRejected(
+                    UNKNOWN_PHILIPS_ATTRIBUTE, f"Philips attribute {_safe(name)!r} has structure"
+                )
+            out.children.append(XmlNode("", "Attribute", dict(attr.attrs), [], attr.text.strip()))
+        else:  # a steward's rule removes it, or it is held for review
+            tally.remove(f"philips.{name}", *(n.text.strip() for n in attr.iter()))
     return out
 
 
@@ -165,7 +172,9 @@ def clean_description(text: str, tally: Tally) -> str:
     return '<?xml version="1.0" encoding="UTF-8" ?>\n' + render(clean)
 
 
-def verify_description(text: str) -> str | None:
+def verify_description(text: str, kept: frozenset[str] = frozenset()) -> str | None:
+    """None when the XML holds only safe content; ``kept``: attribute names a data steward's
+    rule keeps."""
     try:
         root = parse_xml(text)
     except XmlRejected:
@@ -173,7 +182,7 @@ def verify_description(text: str) -> str | None:
     for node in root.iter():
         if node.name == "Attribute":
             name = node.attrs.get("Name", "")
-            if name not in KEEP and name not in CONTAINERS:
+            if name not in KEEP and name not in CONTAINERS and name not in kept:
                 return f"Philips attribute {_safe(name)!r} is not on the keep-list"
         elif node.name == "DataObject":
             if node.attrs.get("ObjectType") not in OBJECT_TYPES:

@@ -255,7 +255,11 @@ def _check_ifd(
         if not ifd.is_tiled:
             raise _fail(f"{where} is a stripped (non-pyramid) image")
         if ifd.index == 0:
-            problem = philips.verify_description(desc.text()) if desc else "no Philips XML"
+            problem = (
+                philips.verify_description(desc.text(), policy.kept("philips"))
+                if desc
+                else "no Philips XML"
+            )
             if problem:
                 raise _fail(f"{where}: {problem}")
         elif desc is not None:
