@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
+from services.deid.engine import streams
 from services.deid.engine.model import (
     CORRUPT_IMAGE_DATA,
     MALFORMED_FILE,
@@ -289,7 +292,6 @@ def write_atomically(
 
 _HEAD_READ = 4096
 _HEAD_MAX = 1 << 20
-_SCAN_WINDOW = 8 << 20
 
 
 def clean_codestream_heads(
@@ -299,45 +301,45 @@ def clean_codestream_heads(
     every JPEG / JPEG 2000 tile or strip of ``ifd``; returns the writer's segment edits.
 
     Only header bytes (up to the first SOS/SOT) are read and rewritten; the entropy-coded
-    data is copied verbatim by the writer, so every tile decodes to the same pixels. Reads
-    the tiles in file order through a window, so the cost is one sequential pass over the
-    headers. Vendor/encoder signature comments (codestream.vendor_comment) are kept."""
+    data is copied verbatim by the writer, so every tile decodes to the same pixels. The
+    headers are read through mapped windows and tiles sharing a header byte for byte are
+    parsed once (:func:`streams.scan_heads`), so only the header pages of the file are
+    touched. Vendor/encoder signature comments (codestream.vendor_comment) are kept."""
     comp = ifd.compression
     if comp not in codestream.JPEG_COMPRESSIONS and comp not in codestream.J2K_COMPRESSIONS:
         return {}
+    if not segments:
+        return {}
+    arr = np.asarray(segments, dtype=np.int64).reshape(-1, 2)
+    try:
+        heads = streams.scan_heads(
+            fh.fileno(),
+            os.fstat(fh.fileno()).st_size,
+            arr[:, 0],
+            arr[:, 1],
+            head_read=_HEAD_READ,
+            head_max=_HEAD_MAX,
+        )
+    except streams.HeadError as exc:
+        if exc.problem == "incomplete":
+            raise DeidRejected(
+                CORRUPT_IMAGE_DATA, f"{where}: tile {exc.index} header is too long"
+            ) from exc
+        raise DeidRejected(
+            CORRUPT_IMAGE_DATA, f"{where}: tile {exc.index} has a malformed header ({exc.detail})"
+        ) from exc
     edits: dict[int, tuple[bytes, int]] = {}
-    done: dict[tuple[int, int], tuple[bytes, int] | None] = {}
-    order = sorted((o, c, k) for k, (o, c) in enumerate(segments) if c)
-    win_start, win = 0, b""
-    for off, cnt, k in order:
-        if (off, cnt) in done:
-            cached = done[(off, cnt)]
-            if cached is not None:
-                edits[k] = cached
-            continue
-        want = min(cnt, _HEAD_READ)
-        scan = None
-        while True:
-            if not (win_start <= off and off + want <= win_start + len(win)):
-                fh.seek(off)
-                win_start, win = off, fh.read(max(_SCAN_WINDOW, want))
-            head = win[off - win_start : off - win_start + want]
-            try:
-                scan = codestream.scan_header(head)
-            except codestream.CodestreamError as exc:
-                raise DeidRejected(
-                    CORRUPT_IMAGE_DATA, f"{where}: tile {k} has a malformed header ({exc})"
-                ) from exc
-            if scan is not None or want >= min(cnt, _HEAD_MAX):
-                break
-            want = min(cnt, _HEAD_MAX, want * 4)
-        if scan is None:
-            raise DeidRejected(CORRUPT_IMAGE_DATA, f"{where}: tile {k} header is too long")
-        result: tuple[bytes, int] | None = None
-        if scan.drops:
-            result = codestream.rewrite_head(head, scan)
-            for kind, text in zip(scan.kinds, scan.texts, strict=True):
-                tally.remove(f"codestream_segment.{kind}", text if len(text) <= 4096 else None)
-            edits[k] = result
-        done[(off, cnt)] = result
+    rewritten: dict[int, tuple[bytes, int]] = {}
+    places: set[tuple[int, int]] = set()
+    for k, (scan, head) in sorted(heads.drops.items()):
+        result = rewritten.get(id(scan))
+        if result is None:
+            result = rewritten[id(scan)] = codestream.rewrite_head(head, scan)
+        edits[k] = result
+        place = segments[k]
+        if place in places:
+            continue  # the same bytes referenced twice: removed (and counted) once
+        places.add(place)
+        for kind, text in zip(scan.kinds, scan.texts, strict=True):
+            tally.remove(f"codestream_segment.{kind}", text if len(text) <= 4096 else None)
     return edits

@@ -17,9 +17,11 @@ The output is re-read independently of the code that wrote it:
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,37 +102,145 @@ def verify(
     if fmt is SlideFormat.MIRAX or bundle.is_zip(path):
         _verify_bundle(path, fmt, forbidden, policy)
         return
+    entropy: _Entropy | None = None
     if fmt is SlideFormat.DICOM_WSI:
         regions = _verify_dicom(path, policy)
     elif fmt in _OPENSLIDE_VENDOR or fmt in _TIFF_ONLY:
-        regions = _verify_tiff(path, fmt, policy)
+        regions, entropy = _verify_tiff(path, fmt, policy)
     else:
         raise DeidRejected(UNSUPPORTED_FORMAT, f"cannot verify format {fmt.value}")
-    search_forbidden(path, forbidden, regions, policy)
+    _scan_output(path, forbidden, regions, policy, entropy)
 
 
-# --- forbidden values ------------------------------------------------------------------------
+# --- forbidden values and text markers: one pass over the output ----------------------------
+_TEXT_MARKERS = tuple(bytes([0xFF, m]) for m in (*range(0xE0, 0xF0), 0xFE))  # APPn, COM
+_MARKER_GAP = 1 << 20  # entropy ranges closer than this are searched as one range
+
+
+@dataclass(frozen=True)
+class _Entropy:
+    """Entropy-coded data of every JPEG tile (after its header), sorted by start: in it a
+    0xFF byte is only ever followed by 0x00 or a restart marker, so any APPn/COM marker
+    there is a hidden segment."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    ifds: np.ndarray
+    tiles: np.ndarray
+    reach: np.ndarray  # running maximum of ``ends``
+
+    @classmethod
+    def of(
+        cls, starts: np.ndarray, ends: np.ndarray, ifds: np.ndarray, tiles: np.ndarray
+    ) -> _Entropy:
+        order = np.argsort(starts, kind="stable")
+        ends = ends[order]
+        reach = np.maximum.accumulate(ends) if len(ends) else ends
+        return cls(starts[order], ends, ifds[order], tiles[order], reach)
+
+    def holding(self, pos: int) -> int | None:
+        """Index of a range holding both bytes of a marker at ``pos``, else None."""
+        i = int(np.searchsorted(self.starts, pos, "right")) - 1
+        if i < 0 or int(self.reach[i]) < pos + 2:
+            return None
+        if pos + 2 <= int(self.ends[i]):
+            return i
+        earlier = np.flatnonzero(self.ends[:i] >= pos + 2)  # overlapping tiles only
+        return int(earlier[0]) if len(earlier) else None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        if not len(self.starts):
+            return []
+        reach = self.reach
+        cut = np.flatnonzero(self.starts[1:] > reach[:-1] + _MARKER_GAP) + 1
+        first = np.concatenate(([0], cut))
+        last = np.concatenate((cut - 1, [len(self.starts) - 1]))
+        return list(zip(self.starts[first].tolist(), reach[last].tolist(), strict=True))
+
+
 def search_forbidden(
     path: Path, forbidden: Iterable[bytes], metadata: Sequence[tuple[int, int]], policy: DeidPolicy
 ) -> None:
+    """Fail if an identifying value occurs in the metadata regions (every pattern) or
+    anywhere in the file (patterns of at least _STREAM_MIN_PATTERN bytes)."""
+    _scan_output(path, forbidden, metadata, policy, None)
+
+
+def _scan_output(
+    path: Path,
+    forbidden: Iterable[bytes],
+    metadata: Sequence[tuple[int, int]],
+    policy: DeidPolicy,
+    entropy: _Entropy | None,
+) -> None:
+    """The whole output is read once (mapped windows, one multi-pattern pass): identifying
+    values everywhere, and - where ``entropy`` is given - APPn/COM markers in the
+    entropy-coded data of JPEG tiles. Numbers/dates only count when no digit touches them."""
     values = [v for v in forbidden if len(v) >= policy.min_forbidden_length]
-    if not values:
-        return
     variants = [p for v in values for p in streams.pattern_variants(v)]
     meta_patterns = streams.minimal_patterns(variants)
-    numeric = {p for p in meta_patterns if streams.is_numeric_pattern(p)}
     stream_patterns = streams.minimal_patterns(p for p in variants if len(p) >= _STREAM_MIN_PATTERN)
+    if not values and entropy is None:
+        return
     with open(path, "rb") as fh:
-        for start, end in metadata:
-            fh.seek(start)
-            data = fh.read(end - start)
-            for p in meta_patterns:
-                if streams.find_value(data, p, p in numeric):
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
+        if meta_patterns:
+            meta_set = streams.PatternSet(meta_patterns)
+            for start, end in _merge(metadata):
+                fh.seek(start)
+                data = fh.read(end - start)
+
+                def meta_hit(index: int, at: int, data: bytes = data) -> bool:
+                    p = meta_patterns[index]
+                    return not streams.is_numeric_pattern(p) or streams.numeric_boundary_ok(
+                        lambda i: data[i] if i < len(data) else None, at, p
+                    )
+
+                if meta_set.scan(data, meta_hit):
                     raise _fail(
                         "an identifying value from the input is present in the output metadata"
                     )
-        if streams.stream_contains(fh, stream_patterns, policy.buffer_size) is not None:
-            raise _fail("an identifying value from the input is present in the output bytes")
+        values_only = streams.PatternSet(stream_patterns)
+        plan: list[tuple[int, int, streams.PatternSet]] = []
+        if entropy is not None:
+            with_markers = streams.PatternSet([*stream_patterns, *_TEXT_MARKERS])
+            pos = 0
+            for start, end in entropy.ranges():
+                if start > pos:
+                    plan.append((pos, start, values_only))
+                plan.append((start, end, with_markers))
+                pos = end
+            if pos < size:
+                plan.append((pos, size, values_only))
+        else:
+            plan.append((0, size, values_only))
+        found: list[str] = []
+
+        def byte_at(i: int) -> int | None:
+            b = os.pread(fd, 1, i)
+            return b[0] if b else None
+
+        def hit(_ps: streams.PatternSet, index: int, at: int) -> bool:
+            if index >= len(stream_patterns):  # a text marker: inside entropy-coded data?
+                assert entropy is not None
+                k = entropy.holding(at)
+                if k is None:
+                    return False  # in a header (judged by the header scan) or between tiles
+                found.append(
+                    f"IFD {int(entropy.ifds[k])}: tile {int(entropy.tiles[k])} carries a "
+                    "comment/APPn segment after its header"
+                )
+                return True
+            p = stream_patterns[index]
+            if streams.is_numeric_pattern(p) and not streams.numeric_boundary_ok(byte_at, at, p):
+                return False
+            found.append("an identifying value from the input is present in the output bytes")
+            return True
+
+        streams.scan_file(fd, plan, hit, window=policy.buffer_size)
+    if found:
+        raise _fail(found[0])
 
 
 # --- TIFF ------------------------------------------------------------------------------------
@@ -153,7 +263,9 @@ def _allowed_tags(fmt: SlideFormat) -> frozenset[int]:
 _YEAR_DATETIME = re.compile(r"^\d{4}:01:01 00:00:00$")
 
 
-def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple[int, int]]:
+def _verify_tiff(
+    path: Path, fmt: SlideFormat, policy: DeidPolicy
+) -> tuple[list[tuple[int, int]], _Entropy]:
     try:
         st = tiff.read_tiff(path)
     except TiffError as exc:
@@ -193,8 +305,7 @@ def _verify_tiff(path: Path, fmt: SlideFormat, policy: DeidPolicy) -> list[tuple
     _check_with_tifffile(path, st, fmt)
     if fmt in _OPENSLIDE_VENDOR:
         _check_with_openslide(path, fmt, policy)
-    _check_codestream_text(path, st)
-    return meta
+    return meta, _check_codestream_heads(path, st)
 
 
 def _check_ifd(
@@ -205,6 +316,7 @@ def _check_ifd(
     macro_ok: bool = False,
     policy: DeidPolicy | None = None,
 ) -> None:
+    policy = policy or DeidPolicy()
     where = f"IFD {ifd.index}{sub}"
     if ifd.children and (fmt is not SlideFormat.OME_TIFF or set(ifd.children) != {tiff.SUB_IFDS}):
         raise _fail(f"{where} has child IFDs")
@@ -255,11 +367,7 @@ def _check_ifd(
         if not ifd.is_tiled:
             raise _fail(f"{where} is a stripped (non-pyramid) image")
         if ifd.index == 0:
-            problem = (
-                philips.verify_description(desc.text(), policy.kept("philips"))
-                if desc
-                else "no Philips XML"
-            )
+            problem = philips.verify_description(desc.text()) if desc else "no Philips XML"
             if problem:
                 raise _fail(f"{where}: {problem}")
         elif desc is not None:
@@ -288,26 +396,31 @@ def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
     """Every byte must belong to the header, an IFD, a tag value or image data, except a few
     zero bytes of alignment padding; nothing may follow the last referenced byte."""
     meta = _merge(st.metadata_regions())
-    data: list[tuple[int, int]] = []
+    starts = [np.array([s for s, _e in meta], dtype=np.int64)]
+    ends = [np.array([e for _s, e in meta], dtype=np.int64)]
     for ifd in st.all_ifds():
-        try:
-            segs = tiff.check_segments(ifd, st.file_size)
-        except TiffError as exc:
-            raise _fail(f"IFD {ifd.index}: {exc.reason}") from exc
-        data.extend((o, o + c) for o, c in segs if c)
-    spans = _merge(meta + data)
+        offs, cnts = ifd.segment_arrays()
+        used = cnts > 0
+        if (cnts < 0).any() or (used & ((offs <= 0) | (offs + cnts > st.file_size))).any():
+            raise _fail(f"IFD {ifd.index}: TRUNCATED")
+        starts.append(offs[used])
+        ends.append(offs[used] + cnts[used])
+    s_all = np.concatenate(starts)
+    order = np.argsort(s_all, kind="stable")
+    s_all = s_all[order]
+    reach = np.maximum.accumulate(np.concatenate(ends)[order]) if len(s_all) else s_all
+    # gaps: before the first span, and wherever a span starts beyond all earlier ones
+    gap_s = np.concatenate(([0], reach[:-1]))
+    gap = np.flatnonzero(s_all > gap_s)
+    if len(gap) and int((s_all[gap] - gap_s[gap]).max()) > _MAX_GAP:
+        raise _fail("the output holds unreferenced bytes")
     with open(path, "rb") as fh:
-        pos = 0
-        for start, end in spans:
-            if start > pos:
-                if start - pos > _MAX_GAP:
-                    raise _fail("the output holds unreferenced bytes")
-                fh.seek(pos)
-                if fh.read(start - pos).strip(b"\x00"):
-                    raise _fail("the output holds non-zero padding")
-            pos = max(pos, end)
-        if pos != st.file_size:
-            raise _fail("the output has trailing bytes after the last referenced region")
+        for k in gap.tolist():
+            a, b = int(gap_s[k]), int(s_all[k])
+            if os.pread(fh.fileno(), b - a, a).strip(b"\x00"):
+                raise _fail("the output holds non-zero padding")
+    if (int(reach[-1]) if len(reach) else 0) != st.file_size:
+        raise _fail("the output has trailing bytes after the last referenced region")
     return meta
 
 
@@ -321,9 +434,10 @@ _MARKERS = {
 
 def _check_stream_markers(path: Path, st: TiffStructure) -> None:
     """Every JPEG / JPEG 2000 tile must start with SOI/SOC and end with EOI/EOC: a cheap test
-    of all tiles (sample tiles are fully decoded separately). Reads the file sequentially in
-    windows and checks the markers of all tiles of a window at once."""
+    of all tiles (sample tiles are fully decoded separately). The file is mapped window by
+    window and the markers of all tiles of a window are compared at once."""
     with open(path, "rb") as fh:
+        fd = fh.fileno()
         for ifd in st.all_ifds():
             markers = _MARKERS.get(ifd.compression)
             if markers is None:
@@ -333,52 +447,55 @@ def _check_stream_markers(path: Path, st: TiffStructure) -> None:
             if (cnts[used] < 4).any():
                 raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: a tile is too short")
             order = used[np.argsort(offs[used], kind="stable")]
-            start_m = np.frombuffer(markers[0], dtype=np.uint8)
-            end_m = np.frombuffer(markers[1], dtype=np.uint8)
-            ends = offs[order] + cnts[order]
-            i = 0
-            while i < len(order):
-                lo = int(offs[order[i]])
-                if int(cnts[order[i]]) > _MARKER_WINDOW:  # a huge strip: head and tail only
-                    fh.seek(lo)
-                    head = fh.read(2)
-                    fh.seek(int(ends[i]) - 16)
-                    tail = fh.read(16).rstrip(b"\x00")
-                    if head != markers[0] or not tail.endswith(markers[1]):
-                        raise DeidRejected(
-                            CORRUPT_IMAGE_DATA,
-                            f"IFD {ifd.index}: tile {int(order[i])} is not a complete "
-                            "compressed stream",
-                        )
-                    i += 1
-                    continue
-                # take as many following tiles as fit in one window
-                j = int(np.searchsorted(ends, lo + _MARKER_WINDOW, "right"))
-                while j > i + 1 and int(ends[i:j].max()) - lo > 2 * _MARKER_WINDOW:
-                    j -= 1
-                j = max(j, i + 1)
-                hi = int(ends[i:j].max())
-                fh.seek(lo)
-                win = np.frombuffer(fh.read(hi - lo), dtype=np.uint8)
-                sel = order[i:j]
-                rel_s = offs[sel] - lo
-                rel_e = rel_s + cnts[sel]
-                if len(win) < hi - lo:
-                    raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tiles are cut off")
-                ok = (win[rel_s] == start_m[0]) & (win[rel_s + 1] == start_m[1])
-                ok &= (win[rel_e - 2] == end_m[0]) & (win[rel_e - 1] == end_m[1])
-                for k in np.flatnonzero(~ok):
-                    # allow zero padding after the end marker; anything else is corrupt
-                    s_k, e_k = int(rel_s[k]), int(rel_e[k])
-                    tail = win[max(s_k, e_k - 16) : e_k].tobytes().rstrip(b"\x00")
-                    head = win[s_k : s_k + 2].tobytes()
-                    if head != markers[0] or not tail.endswith(markers[1]):
-                        raise DeidRejected(
-                            CORRUPT_IMAGE_DATA,
-                            f"IFD {ifd.index}: tile {int(sel[k])} is not a complete "
-                            "compressed stream",
-                        )
-                i = j
+            huge = cnts[order] > _MARKER_WINDOW
+            for k in order[huge].tolist():  # a huge strip: head and tail only
+                head = os.pread(fd, 2, int(offs[k]))
+                tail = os.pread(fd, 16, int(offs[k] + cnts[k]) - 16).rstrip(b"\x00")
+                if head != markers[0] or not tail.endswith(markers[1]):
+                    raise _incomplete_stream(ifd.index, k)
+            bad = _window_markers(fd, offs, cnts, order[~huge], markers)
+            if bad is not None:
+                raise _incomplete_stream(ifd.index, bad)
+
+
+def _incomplete_stream(index: int, k: int) -> DeidRejected:
+    return DeidRejected(
+        CORRUPT_IMAGE_DATA, f"IFD {index}: tile {k} is not a complete compressed stream"
+    )
+
+
+def _window_markers(
+    fd: int, offs: np.ndarray, cnts: np.ndarray, order: np.ndarray, markers: tuple[bytes, bytes]
+) -> int | None:
+    """First tile (of ``order``, sorted by offset) without its start/end markers, else None."""
+    start_m = np.frombuffer(markers[0], dtype=np.uint8)
+    end_m = np.frombuffer(markers[1], dtype=np.uint8)
+    o = offs[order]
+    e = o + cnts[order]
+    i = 0
+    while i < len(order):
+        lo = int(o[i])
+        j = max(int(np.searchsorted(o, lo + _MARKER_WINDOW, "left")), i + 1)
+        hi = int(e[i:j].max())
+        bad: int | None = None
+        with streams.mapped(fd, lo, hi) as (mm, d):
+            win = np.frombuffer(mm, dtype=np.uint8)
+            rel_s = o[i:j] - lo + d
+            rel_e = e[i:j] - lo + d
+            ok = (win[rel_s] == start_m[0]) & (win[rel_s + 1] == start_m[1])
+            ok &= (win[rel_e - 2] == end_m[0]) & (win[rel_e - 1] == end_m[1])
+            for k in np.flatnonzero(~ok).tolist():
+                # allow zero padding after the end marker; anything else is corrupt
+                s_k, e_k = int(rel_s[k]), int(rel_e[k])
+                tail = win[max(s_k, e_k - 16) : e_k].tobytes().rstrip(b"\x00")
+                if win[s_k : s_k + 2].tobytes() != markers[0] or not tail.endswith(markers[1]):
+                    bad = int(order[i + k])
+                    break
+            del win
+        if bad is not None:
+            return bad
+        i = j
+    return None
 
 
 def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -646,18 +763,19 @@ def _decode_frames(path: Path, hdr: DicomHeader) -> None:
                 raise DeidRejected(CORRUPT_IMAGE_DATA, f"frame {index} has the wrong size")
 
 
-_TEXT_MARKER = np.zeros(256, dtype=bool)
-_TEXT_MARKER[0xE0:0xF0] = True
-_TEXT_MARKER[0xFE] = True
-_CS_WINDOW = 16 << 20
 _CS_HEAD = 1 << 20
 
 
-def _check_codestream_text(path: Path, st: TiffStructure) -> None:
+def _check_codestream_heads(path: Path, st: TiffStructure) -> _Entropy:
     """No JPEG COM/APPn (beyond JFIF/Adobe and known encoder signatures) and no JPEG 2000
-    COM may remain in any tile: headers are parsed up to SOS/SOT, and the rest of every
-    JPEG tile is searched for COM/APPn markers (in entropy-coded data a 0xFF byte is always
-    followed by 0x00 or a restart marker, so any hit is a real marker segment)."""
+    COM may remain in the header of any tile: every header is parsed up to SOS/SOT (tiles
+    whose header bytes are identical share one parse, see :func:`streams.scan_heads`).
+    Returns the entropy-coded range of every JPEG tile, searched for such markers by
+    :func:`_scan_output` in the same pass as the identifying values."""
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    ifds: list[np.ndarray] = []
+    tiles: list[np.ndarray] = []
     with open(path, "rb") as fh:
         for ifd in st.all_ifds():
             comp = ifd.compression
@@ -665,58 +783,30 @@ def _check_codestream_text(path: Path, st: TiffStructure) -> None:
             if comp not in codestream.JPEG_COMPRESSIONS and not j2k:
                 continue
             offs, cnts = ifd.segment_arrays()
-            seen: set[tuple[int, int]] = set()
-            win_start, win = 0, b""
-            for k in np.argsort(offs, kind="stable").tolist():
-                off, cnt = int(offs[k]), int(cnts[k])
-                if not cnt or (off, cnt) in seen:
-                    continue
-                seen.add((off, cnt))
-                if cnt <= _CS_WINDOW:
-                    if not (win_start <= off and off + cnt <= win_start + len(win)):
-                        fh.seek(off)
-                        win_start, win = off, fh.read(max(_CS_WINDOW, cnt))
-                    data = win[off - win_start : off - win_start + cnt]
-                    head = data[:_CS_HEAD]
-                else:
-                    fh.seek(off)
-                    head = fh.read(_CS_HEAD)
-                    data = b""
-                try:
-                    scan = codestream.scan_header(head)
-                except codestream.CodestreamError as exc:
-                    raise DeidRejected(
-                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {k} header is malformed"
-                    ) from exc
-                if scan is None:
-                    raise DeidRejected(
-                        CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {k} header is incomplete"
-                    )
-                if scan.drops:
-                    raise _fail(f"IFD {ifd.index}: tile {k} carries a comment/APPn segment")
-                if j2k:
-                    continue
-                if data:
-                    _scan_entropy(data[scan.header_end :], ifd.index, k)
-                else:  # a huge strip: stream it
-                    pos, end, carry = off + scan.header_end, off + cnt, b""
-                    fh.seek(pos)
-                    while pos < end:
-                        chunk = fh.read(min(_CS_WINDOW, end - pos))
-                        if not chunk:
-                            break
-                        _scan_entropy(carry + chunk, ifd.index, k)
-                        carry = chunk[-1:]
-                        pos += len(chunk)
-                    win_start, win = 0, b""
-
-
-def _scan_entropy(data: bytes, index: int, k: int) -> None:
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if len(arr) < 2:
-        return
-    if bool(((arr[:-1] == 0xFF) & _TEXT_MARKER[arr[1:]]).any()):
-        raise _fail(f"IFD {index}: tile {k} carries a comment/APPn segment after its header")
+            try:
+                heads = streams.scan_heads(fh.fileno(), st.file_size, offs, cnts, head_max=_CS_HEAD)
+            except streams.HeadError as exc:
+                what = "malformed" if exc.problem == "malformed" else "incomplete"
+                raise DeidRejected(
+                    CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {exc.index} header is {what}"
+                ) from exc
+            if heads.drops:
+                raise _fail(
+                    f"IFD {ifd.index}: tile {min(heads.drops)} carries a comment/APPn segment"
+                )
+            if j2k:
+                continue
+            used = np.flatnonzero(cnts > 0)
+            starts.append(offs[used] + heads.header_end[used])
+            ends.append(offs[used] + cnts[used])
+            ifds.append(np.full(len(used), ifd.index, dtype=np.int64))
+            tiles.append(used)
+    if not starts:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Entropy.of(empty, empty, empty, empty)
+    return _Entropy.of(
+        np.concatenate(starts), np.concatenate(ends), np.concatenate(ifds), np.concatenate(tiles)
+    )
 
 
 # --- bundles: MRXS and DICOM series ----------------------------------------------------------
