@@ -261,6 +261,21 @@ def test_unknown_philips_attribute_is_held_then_ruled(tmp_path: Path) -> None:
         )
 
 
+def test_unknown_bif_iscan_attribute_is_held_then_ruled(tmp_path: Path) -> None:
+    src = wsigen.make_bif(tmp_path / "v.bif", iscan_extra='StageDrift="Q7-AUTO"')
+    dst = tmp_path / "o.bif"
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(src, dst, SlideFormat.VENTANA_BIF, P)
+    assert [i.key for i in e.value.items] == ["bif:StageDrift"]
+    assert "Q7-AUTO" not in str(e.value) and not dst.exists()
+    keep = DeidPolicy(approved_rules=(("bif:StageDrift", "keep"),))
+    deidentify_and_verify(src, dst, SlideFormat.VENTANA_BIF, P, keep)
+    assert b'StageDrift="Q7-AUTO"' in dst.read_bytes()
+    remove = DeidPolicy(approved_rules=(("bif:StageDrift", "remove"),))
+    deidentify_and_verify(src, dst, SlideFormat.VENTANA_BIF, P, remove)
+    assert b"StageDrift" not in dst.read_bytes()
+
+
 # --- review -> approve / reject --------------------------------------------------------------
 
 

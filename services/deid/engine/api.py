@@ -65,9 +65,10 @@ def deidentify(
     safe, and its subclass :class:`DeidNeedsReview` (nothing written either) when the file is
     well-formed but holds metadata no rule knows and ``policy.approved_rules`` has no rule
     for it: unknown TIFF tags (``tiff:<code>``), Aperio ImageDescription fields
-    (``svs:<key>``), NDPI property keys (``ndpi:<key>``) and Philips XML attributes
-    (``philips:<name>``). Call :func:`verify` on ``dst``
-    with ``report.identifying_values`` afterwards (or use :func:`deidentify_and_verify`).
+    (``svs:<key>``), NDPI property keys (``ndpi:<key>``), Philips XML attributes
+    (``philips:<name>``) and Ventana iScan attributes (``bif:<name>``). Call :func:`verify`
+    on ``dst`` with ``report.identifying_values`` afterwards (or use
+    :func:`deidentify_and_verify`).
     """
     policy = policy or DeidPolicy()
     src, dst = Path(src), Path(dst)

@@ -113,8 +113,10 @@ def _clean_iscan(node: XmlNode, tally: Tally) -> XmlNode:
             tally.remove(f"bif.iScan.{key}", value)
         elif key in ISCAN_REMOVE_OTHER:
             tally.remove(f"bif.iScan.{key}")
-        else:
-            raise DeidRejected(UNKNOWN_BIF_ATTRIBUTE, f"BIF iScan attribute {_safe(key)!r}")
+        elif tally.unknown("bif", key, UNKNOWN_BIF_ATTRIBUTE, "BIF iScan attribute"):
+            attrs[key] = value  # a data steward's rule keeps it
+        else:  # a steward's rule removes it, or it is held for review
+            tally.remove(f"bif.iScan.{key}", value)
     out = XmlNode("", "iScan", attrs)
     for child in node.children:
         if not _AOI.match(child.name):
@@ -175,14 +177,16 @@ def _find(tree: XmlNode, name: str) -> XmlNode | None:
     return next((n for n in tree.iter() if n.name == name), None)
 
 
-def verify_xmp(text: str) -> str | None:
+def verify_xmp(text: str, kept: frozenset[str] = frozenset()) -> str | None:
+    """None when the XMP holds only safe content; ``kept``: iScan attributes a data steward's
+    rule keeps."""
     try:
         root = parse_xml(text)
     except XmlRejected:
         return "BIF XMP does not parse"
     for node in root.iter():
         if node.name == "iScan":
-            if set(node.attrs) - ISCAN_KEEP:
+            if set(node.attrs) - ISCAN_KEEP - kept:
                 return "BIF iScan attribute outside the keep-list"
         elif node.name not in ENCODE_ELEMENTS | {"Metadata"} and not _AOI.match(node.name):
             return f"BIF XMP element {_safe(node.name)!r}"

@@ -367,7 +367,11 @@ def _check_ifd(
         if not ifd.is_tiled:
             raise _fail(f"{where} is a stripped (non-pyramid) image")
         if ifd.index == 0:
-            problem = philips.verify_description(desc.text()) if desc else "no Philips XML"
+            problem = (
+                philips.verify_description(desc.text(), policy.kept("philips"))
+                if desc
+                else "no Philips XML"
+            )
             if problem:
                 raise _fail(f"{where}: {problem}")
         elif desc is not None:
@@ -377,7 +381,7 @@ def _check_ifd(
         if not ifd.is_tiled or desc is None or not ventana.LEVEL.match(desc.text()):
             raise _fail(f"{where} is not a BIF pyramid level")
         xmp = ifd.get(ventana.XMP)
-        problem = ventana.verify_xmp(xmp.text()) if xmp is not None else None
+        problem = ventana.verify_xmp(xmp.text(), policy.kept("bif")) if xmp is not None else None
         if problem:
             raise _fail(f"{where}: {problem}")
     elif fmt is SlideFormat.QPTIFF:
