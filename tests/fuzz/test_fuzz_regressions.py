@@ -4,25 +4,12 @@ domain error, never another exception, within the time limit)."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.shared.wsi import tiff
-from tests.fuzz.harness import Runner, Seed, apply, build_seeds
-
-
-@pytest.fixture(scope="module")
-def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
-    return build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
-
-
-@pytest.fixture(scope="module")
-def runner(seeds: dict[str, Seed]) -> Iterator[Runner]:
-    r = Runner(seeds)
-    yield r
-    r.close()
+from tests.fuzz.harness import Runner, Seed, apply
 
 
 def _entry(data: bytes, code: int) -> int:

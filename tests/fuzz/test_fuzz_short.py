@@ -5,26 +5,13 @@ The long run is `make test-fuzz` (tests/fuzz/run.py)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fuzz.harness import TARGETS, Runner, Seed, build_seeds, fuzz
+from tests.fuzz.harness import TARGETS, Runner, Seed, fuzz
 
 EXAMPLES = int(os.environ.get("FUZZ_SHORT_EXAMPLES", "30"))
-
-
-@pytest.fixture(scope="module")
-def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
-    return build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
-
-
-@pytest.fixture(scope="module")
-def runner(seeds: dict[str, Seed]) -> Iterator[Runner]:
-    r = Runner(seeds)
-    yield r
-    r.close()
 
 
 def test_seeds_are_valid(seeds: dict[str, Seed], runner: Runner) -> None:
@@ -36,8 +23,15 @@ def test_seeds_are_valid(seeds: dict[str, Seed], runner: Runner) -> None:
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_fuzz_short(target: str, seeds: dict[str, Seed], runner: Runner, tmp_path: Path) -> None:
-    os.environ.setdefault("FUZZ_FINDINGS", str(tmp_path / "findings"))
+def test_fuzz_short(
+    target: str,
+    seeds: dict[str, Seed],
+    runner: Runner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if "FUZZ_FINDINGS" not in os.environ:
+        monkeypatch.setenv("FUZZ_FINDINGS", str(tmp_path / "findings"))
     tally = fuzz(target, EXAMPLES, runner, seeds, derandomize=True)
     assert tally.cases >= EXAMPLES // 2, tally
     assert not tally.findings, "\n".join(
