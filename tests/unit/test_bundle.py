@@ -207,3 +207,61 @@ def test_corrupt_member_is_a_clear_rejection(tmp_path: Path) -> None:
     data[start : start + 40] = b"\xff" * 40
     p.write_bytes(bytes(data))
     assert _reason(p) == bundle.BAD_BUNDLE
+
+
+# --- through ingestion (in-memory fakes, as tests/unit/test_ingestion_core.py) ---------------
+@pytest.fixture
+async def ingest(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from services.shared.events import TOPIC_SLIDE_RECEIVED
+    from tests.unit.test_ingestion_core import make_world
+
+    world = make_world(tmp_path)
+    await world.bus.ensure_topics([TOPIC_SLIDE_RECEIVED])
+    await world.publisher.start()
+    await world.ing.ensure_ready()
+    yield world
+    await world.publisher.stop()
+
+
+async def test_ingestion_accepts_bundles_with_their_format(
+    ingest, mrxs: wsigen.Fixture, series: wsigen.Fixture
+) -> None:  # type: ignore[no-untyped-def]
+    from tessera.common.v1 import common_pb2
+    from tests.unit.test_ingestion_core import header_for
+
+    for fx, fmt in (
+        (mrxs, common_pb2.SLIDE_FORMAT_MRXS),
+        (series, common_pb2.SLIDE_FORMAT_DICOM_WSI),
+    ):
+        data = fx.path.read_bytes()
+        res = await ingest.upload(data, header_for(data, filename="slide.zip"))
+        assert res.format == fmt
+    assert [e.slide_received.format for e in ingest.received_events()] == [
+        common_pb2.SLIDE_FORMAT_MRXS,
+        common_pb2.SLIDE_FORMAT_DICOM_WSI,
+    ]
+    assert [e.slide_received.extension for e in ingest.received_events()] == ["zip", "zip"]
+    assert ingest.spool_files() == []
+
+
+async def test_ingestion_rejects_hostile_bundles_precisely(
+    ingest, tmp_path: Path, series: wsigen.Fixture
+) -> None:  # type: ignore[no-untyped-def]
+    from services.shared.errors import InvalidArgument
+    from tests.unit.test_ingestion_core import header_for
+
+    assert series.source is not None
+    mixed = [(p.name, p.read_bytes()) for p in sorted(series.source.iterdir())]
+    mixed += [(f"b/{p.name}", p.read_bytes()) for p in sorted(BOXES.iterdir())]
+    cases = {
+        "UNSAFE_BUNDLE": [("../../etc/cron.d/x", b"x")],
+        "BUNDLE_TOO_LARGE": [("a.dcm", b"\x00" * (32 << 20))],
+        "MISSING_SLIDEDAT": [("slide.mrxs", b""), ("slide/Data0000.dat", b"x")],
+        "MIXED_SERIES": mixed,
+    }
+    for reason, members in cases.items():
+        data = _zip(tmp_path / f"{reason}.zip", members).read_bytes()
+        with pytest.raises(InvalidArgument) as err:
+            await ingest.upload(data, header_for(data, filename="slide.zip"))
+        assert err.value.reason == reason
+    await ingest.assert_nothing_left()
