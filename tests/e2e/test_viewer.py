@@ -88,13 +88,19 @@ async def _until(page: Page, expression: str, limit_s: float = 60) -> None:
     pytest.fail(f"the page never reached: {expression}")
 
 
+def _tell(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Print past pytest's capture, so the screenshot paths show in any run."""
+    with capsys.disabled():
+        print(f"\n{line}")
+
+
 def _shot(name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     return SHOTS / name
 
 
 async def test_viewer_draws_tiles_pans_zooms_and_shows_the_record(
-    world: World, browser: Browser
+    world: World, browser: Browser, capsys: pytest.CaptureFixture[str]
 ) -> None:
     slide_id = world.slides["svs"]
     subject = f"e2e-viewer-{uuid.uuid4().hex[:6]}"
@@ -119,7 +125,7 @@ async def test_viewer_draws_tiles_pans_zooms_and_shows_the_record(
     assert "h&e" in record.lower() and "READY" in record
     shot = _shot(f"viewer-{slide_id}.png")
     await page.screenshot(path=str(shot))
-    print(f"viewer screenshot: {shot}")
+    _tell(capsys, f"viewer screenshot: {shot}")
 
     # zoom in: tiles of a deeper level are requested and drawn
     before = max(level for _, level in tiles)
@@ -144,11 +150,11 @@ async def test_viewer_draws_tiles_pans_zooms_and_shows_the_record(
     assert drawn > 0.5, drawn
     shot = _shot(f"viewer-{slide_id}-zoomed.png")
     await page.screenshot(path=str(shot))
-    print(f"viewer screenshot (zoomed): {shot}")
+    _tell(capsys, f"viewer screenshot (zoomed): {shot}")
 
 
 async def test_reader_without_grant_sees_an_access_error_instead_of_tiles(
-    world: World, browser: Browser
+    world: World, browser: Browser, capsys: pytest.CaptureFixture[str]
 ) -> None:
     slide_id = world.slides["svs"]
     stranger = token(f"e2e-stranger-{uuid.uuid4().hex[:6]}")
@@ -171,7 +177,7 @@ async def test_reader_without_grant_sees_an_access_error_instead_of_tiles(
     assert await page.evaluate("window.tesseraViewer.tilesLoaded") == 0
     shot = _shot(f"viewer-{slide_id}-denied.png")
     await page.screenshot(path=str(shot))
-    print(f"viewer screenshot (denied): {shot}")
+    _tell(capsys, f"viewer screenshot (denied): {shot}")
 
 
 async def test_viewer_page_is_a_static_shell_with_a_strict_policy(world: World) -> None:
