@@ -6,7 +6,9 @@ generated descriptors (see `tests/unit/security_walk.py`), with
   subject, malformed headers): UNAUTHENTICATED;
 - a valid token of a caller with no role and no grant, asking about a real dataset and a real
   READY slide (so the refusal is about permission, not existence): PERMISSION_DENIED, except
-  the reviewed `OPEN_TO_AUTHENTICATED` and `PUBLIC` allow-lists.
+  the reviewed `OPEN_TO_AUTHENTICATED` and `PUBLIC` allow-lists;
+- a live grant whose role lacks the action (a contributor asking for pixels, inference, grant
+  management or the audit trail): PERMISSION_DENIED.
 
 Which server hosts a service is asked of the servers themselves (the standard health service
 answers SERVING for the names a host registered), so a new service is found too.
@@ -23,8 +25,8 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.client import DEFAULT_PORTS, endpoint
-from tests.e2e.conftest import KEYS, World, token
+from services.cli.client import DEFAULT_PORTS, TesseraClient, endpoint
+from tests.e2e.conftest import KEYS, World, role, token
 from tests.unit.security_walk import (
     OPEN_TO_AUTHENTICATED,
     PUBLIC,
@@ -146,3 +148,46 @@ def test_allow_lists_name_real_rpcs() -> None:
     paths = {r.path for r in RPCS}
     stale = sorted((set(OPEN_TO_AUTHENTICATED) | set(PUBLIC)) - paths)
     assert not stale, f"allow-list entries for RPCs that no longer exist: {stale}"
+
+
+# A live grant whose role lacks the action: a contributor (upload, read records) asking for
+# pixels, inference, grant management or the audit trail of the dataset.
+CONTRIBUTOR_DENIED = {
+    "/tessera.tiling.v1.TilingService/GetDeepZoomDescriptor",
+    "/tessera.tiling.v1.TilingService/GetTile",
+    "/tessera.tiling.v1.TilingService/GetThumbnail",
+    "/tessera.tiling.v1.TilingService/DownloadSlide",
+    "/tessera.serving.v1.SlideInferenceService/InferSlide",
+    "/tessera.access.v1.AccessService/GrantRole",
+    "/tessera.access.v1.AccessService/RevokeRole",
+    "/tessera.access.v1.AccessService/ListAuditRecords",
+}
+
+
+@pytest.fixture(scope="module")
+def contributor(world: World) -> str:
+    subject = f"walk-contributor-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> None:
+        async with TesseraClient(world.admin_token) as c:
+            await c.grant(world.dataset, subject, role("contributor"), days=1, purpose="walk")
+
+    asyncio.run(go())
+    return subject
+
+
+@pytest.mark.parametrize("path", sorted(CONTRIBUTOR_DENIED), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_role_without_the_action_is_denied(
+    path: str, contributor: str, hosts: dict[str, str], fill: Fill
+) -> None:
+    (rpc,) = [r for r in RPCS if r.path == path]
+    header = f"Bearer {token(contributor)}"
+
+    async def go() -> tuple[grpc.StatusCode, str]:
+        (target,) = _targets(rpc, hosts)
+        async with aio.insecure_channel(target) as ch:
+            return await call(ch, rpc, build_request(rpc, fill), header)
+
+    code, reason = asyncio.run(go())
+    assert code == grpc.StatusCode.PERMISSION_DENIED, f"{path} as contributor: {code.name}"
+    assert reason in ("ROLE_LACKS_ACTION", "NOT_ADMIN"), reason
