@@ -116,8 +116,9 @@ def test_pattern_set_stops_when_asked(engine: str) -> None:
         streams.PatternSet([b""], engine)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_scan_file_across_window_boundaries(tmp_path: Path, engine: str) -> None:
+def test_scan_file_across_window_boundaries(tmp_path: Path, engine: str, threads: int) -> None:
     window = 64 << 10
     p = b"SECRET-VALUE-XYZ"
     data = random_bytes((len(p) + 1) * window + 123, 3)
@@ -137,12 +138,13 @@ def test_scan_file_across_window_boundaries(tmp_path: Path, engine: str) -> None
         return False
 
     with open(path, "rb") as fh:
-        streams.scan_file(fh.fileno(), [(0, len(data), ps)], hit, window=window)
+        streams.scan_file(fh.fileno(), [(0, len(data), ps)], hit, window=window, threads=threads)
     assert sorted(hits) == brute(bytes(data), ps.patterns)  # each exactly once
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_scan_file_ranges_partition_the_file(tmp_path: Path, engine: str) -> None:
+def test_scan_file_ranges_partition_the_file(tmp_path: Path, engine: str, threads: int) -> None:
     """Ranges with different pattern sets: an occurrence counts in the range holding its
     last byte, also when it begins in the range before - so no cut loses a match."""
     data = random_bytes(300_000, 4)
@@ -165,7 +167,7 @@ def test_scan_file_ranges_partition_the_file(tmp_path: Path, engine: str) -> Non
         return False
 
     with open(path, "rb") as fh:
-        streams.scan_file(fh.fileno(), plan, hit)
+        streams.scan_file(fh.fileno(), plan, hit, window=8192, threads=threads)
     want = []
     for at, k in brute(blob, [b"SECRET-1", b"\xff\xe1"]):
         p = [b"SECRET-1", b"\xff\xe1"][k]
@@ -266,6 +268,18 @@ def test_scan_heads_matches_per_tile_parse(tmp_path: Path) -> None:
             assert {k: (s.drops, s.texts) for k, (s, _h) in got.drops.items()} == want_drops
             for k, (scan, head) in got.drops.items():  # the header bytes to rewrite
                 assert head == data[offs[k] : offs[k] + scan.header_end + 2]
+            with_tails = streams.scan_heads(
+                fh.fileno(), len(data), np.array(offs), np.array(cnts), window=window, tail=16
+            )
+            assert with_tails.tail is not None and with_tails.lead is not None
+            assert with_tails.has_tail is not None
+            for k, (o, c) in enumerate(zip(offs, cnts, strict=True)):
+                if not c:
+                    continue
+                last = data[max(o, o + c - 16) : o + c]
+                assert with_tails.has_tail[k]
+                assert with_tails.tail[k].tobytes() == last.rjust(16, b"\x00"), k
+                assert with_tails.lead[k].tobytes() == data[o : o + 2]
 
 
 def test_scan_heads_many_distinct_headers(tmp_path: Path) -> None:
@@ -377,7 +391,25 @@ def test_verifier_finds_a_marker_in_entropy_data(
         assert f"IFD 0: tile {k} carries a comment/APPn segment after its header" in str(e.value)
 
 
-def test_unmapped_after_scan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scan_file_stops_on_first_hit(tmp_path: Path, threads: int) -> None:
+    path = tmp_path / "b.bin"
+    path.write_bytes(b"\x01" * 100_000 + b"SECRET-1" + b"\x01" * 100_000 + b"SECRET-1")
+    ps = streams.PatternSet([b"SECRET-1"])
+    seen: list[int] = []
+
+    def stop(_ps: streams.PatternSet, _k: int, at: int) -> bool:
+        seen.append(at)
+        return True
+
+    with open(path, "rb") as fh:
+        size = path.stat().st_size
+        assert streams.scan_file(fh.fileno(), [(0, size, ps)], stop, 8192, threads) is True
+    assert seen[0] in (100_000, 200_008) and len(seen) <= threads
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unmapped_after_scan(tmp_path: Path, threads: int) -> None:
     # a mapping is released even when the hit handler raises
     path = tmp_path / "b.bin"
     path.write_bytes(b"\x01" * 10_000 + b"SECRET-1" + b"\x01" * 10_000)
@@ -389,6 +421,20 @@ def test_unmapped_after_scan(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         with pytest.raises(KeyError):
-            streams.scan_file(fd, [(0, 20_008, ps)], boom, window=4096)
+            streams.scan_file(fd, [(0, 20_008, ps)], boom, window=4096, threads=threads)
     finally:
         os.close(fd)
+
+
+def test_verifier_checks_every_tile_end(
+    svs_out: tuple[Path, list[bytes]], tmp_path: Path, engine: str
+) -> None:
+    out, values = svs_out
+    offs, cnts = read_tiff(out).ifds[0].segment_arrays()
+    end = int(offs[5] + cnts[5])
+    # zero padding after the end marker is allowed ...
+    verify(planted(out, tmp_path, end - 4, b"\xff\xd9\x00\x00"), SlideFormat.APERIO_SVS, values)
+    # ... a tile that does not end with EOI is not
+    with pytest.raises(DeidRejected) as e:
+        verify(planted(out, tmp_path, end - 4, b"\xff\xd9\x00\x01"), SlideFormat.APERIO_SVS, values)
+    assert e.value.reason == "CORRUPT_IMAGE_DATA" and "tile 5" in e.value.detail

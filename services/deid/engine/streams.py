@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -289,6 +290,7 @@ def scan_file(
     plan: Iterable[tuple[int, int, PatternSet]],
     on_hit: FileHitHandler,
     window: int = SCAN_WINDOW,
+    threads: int = 1,
 ) -> bool:
     """Search file ranges, each with its own pattern set, through mapped windows.
 
@@ -296,13 +298,75 @@ def scan_file(
     *last* byte lies in [start, end) is reported once, also when it begins before ``start``
     or straddles a window boundary (each window is mapped from ``longest - 1`` bytes before
     its start). Splitting a file into consecutive ranges therefore misses nothing at the
-    cuts. Returns True when ``on_hit`` asked to stop."""
+    cuts. Returns True when ``on_hit`` asked to stop.
+
+    ``threads`` > 1 cuts the plan into that many consecutive parts of equal size, each
+    searched by its own thread with its own compiled copy of the pattern sets (Hyperscan
+    releases the GIL while it scans); ``on_hit`` then runs in those threads (it is always
+    given the caller's pattern set objects) and must be thread-safe."""
     window = max(window, mmap.ALLOCATIONGRANULARITY)
-    for start, end, ps in plan:
-        if not ps.patterns:
-            continue
+    steps = [(a, b, ps) for a, b, ps in plan if ps.patterns and a < b]
+    total = sum(b - a for a, b, _ps in steps)
+    if threads <= 1 or total < threads * window:
+        return _scan_plan(fd, steps, on_hit, window, None)
+    parts: list[list[tuple[int, int, PatternSet]]] = [[] for _ in range(threads)]
+    share, part, used = -(-total // threads), 0, 0
+    for a, b, ps in steps:
+        while a < b:
+            take = min(b - a, share - used)
+            parts[part].append((a, a + take, ps))
+            a, used = a + take, used + take
+            if used == share and part + 1 < threads:
+                part, used = part + 1, 0
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run(steps: list[tuple[int, int, PatternSet]], clone: bool) -> None:
+        try:
+            searched: dict[int, PatternSet] = {}  # id of the caller's set -> set searched
+            for _a, _b, ps in steps:
+                if id(ps) not in searched:
+                    searched[id(ps)] = PatternSet(ps.patterns, ps.engine) if clone else ps
+            owner = {id(searched[id(ps)]): ps for _a, _b, ps in steps}
+            mine = [(a, b, searched[id(ps)]) for a, b, ps in steps]
+
+            def hit(ps: PatternSet, index: int, off: int) -> bool:
+                if stop.is_set() or on_hit(owner[id(ps)], index, off):
+                    stop.set()
+                    return True
+                return False
+
+            _scan_plan(fd, mine, hit, window, stop)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+            stop.set()
+
+    workers = [
+        threading.Thread(target=run, args=(steps_k, k > 0), name=f"scan-{k}", daemon=True)
+        for k, steps_k in enumerate(parts)
+        if steps_k
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return stop.is_set()
+
+
+def _scan_plan(
+    fd: int,
+    steps: Sequence[tuple[int, int, PatternSet]],
+    on_hit: FileHitHandler,
+    window: int,
+    stop: threading.Event | None,
+) -> bool:
+    for start, end, ps in steps:
         s = start
         while s < end:
+            if stop is not None and stop.is_set():
+                return True
             e = min(end, s + window)
             lo = max(0, s - ps.longest + 1)
             with mapped(fd, lo, e) as (mm, d):
@@ -343,6 +407,12 @@ class HeadScans:
 
     header_end: np.ndarray
     drops: dict[int, tuple[codestream.HeaderScan, bytes]] = field(default_factory=dict)
+    # with ``tail``: the last ``tail`` bytes of every segment (fewer for shorter segments:
+    # right-aligned), gathered while the window is mapped anyway; always filled for segments
+    # up to ``head_max`` bytes, maybe not for longer ones (``has_tail`` False)
+    tail: np.ndarray | None = None
+    has_tail: np.ndarray | None = None
+    lead: np.ndarray | None = None  # with ``tail``: the first 2 bytes of every segment
 
 
 _PREFIX = 16  # grouping key: shorter than any JPEG (SOI+SOF+SOS) / JPEG 2000 main header
@@ -360,6 +430,7 @@ def scan_heads(
     head_read: int = 4096,
     head_max: int = 1 << 20,
     window: int = SCAN_WINDOW,
+    tail: int = 0,
 ) -> HeadScans:
     """Run :func:`codestream.scan_header` on the header of every non-empty segment.
 
@@ -368,11 +439,16 @@ def scan_heads(
     is parsed and the others are compared with it byte for byte over the whole header
     (plus the SOS/SOT marker that ends it), which makes the result provably the same.
     Segments that differ are parsed one by one. Identical (offset, count) pairs are parsed
-    once. Raises :class:`HeadError` naming the first segment index of a bad header."""
+    once. Raises :class:`HeadError` naming the first segment index of a bad header.
+    ``tail`` > 0 also returns the last bytes of every segment (see :class:`HeadScans`)."""
     offsets = np.asarray(offsets, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
     out = HeadScans(np.zeros(len(offsets), dtype=np.int64))
     used = np.flatnonzero(counts > 0)
+    if tail:
+        out.tail = np.zeros((len(offsets), tail), dtype=np.uint8)
+        out.has_tail = np.zeros(len(offsets), dtype=bool)
+        out.lead = np.zeros((len(offsets), 2), dtype=np.uint8)
     if not len(used):
         return out
     pairs = np.stack([offsets[used], counts[used]], axis=1)
@@ -381,6 +457,9 @@ def scan_heads(
     u_index = used[first]  # segment index named in errors: first one at that place
     u_end = np.zeros(len(uniq), dtype=np.int64)
     u_drops: dict[int, tuple[codestream.HeaderScan, bytes]] = {}
+    u_tail = np.zeros((len(uniq), tail), dtype=np.uint8)
+    u_has = np.zeros(len(uniq), dtype=bool)
+    u_lead = np.zeros((len(uniq), 2), dtype=np.uint8)
     i = 0
     while i < len(uniq):
         lo = int(u_off[i])
@@ -395,6 +474,10 @@ def scan_heads(
                               u_index, u_end, u_drops)  # fmt: skip
             except HeadError as exc:  # re-raised without the frames that hold the mapping
                 failed = HeadError(exc.index, exc.problem, exc.detail)
+            else:
+                if tail:
+                    _tails(arr, u_off[i:j] - lo + d, u_cnt[i:j], d + hi - lo, tail,
+                           u_tail[i:j], u_has[i:j], u_lead[i:j])  # fmt: skip
             finally:
                 del arr
         if failed is not None:
@@ -402,11 +485,39 @@ def scan_heads(
         i = j
     inverse = inverse.reshape(-1)
     out.header_end[used] = u_end[inverse]
+    if out.tail is not None and out.has_tail is not None and out.lead is not None:
+        out.tail[used] = u_tail[inverse]
+        out.has_tail[used] = u_has[inverse]
+        out.lead[used] = u_lead[inverse]
     if u_drops:
         with_drops = np.isin(inverse, np.fromiter(u_drops, dtype=np.int64))
         for k, u in zip(used[with_drops].tolist(), inverse[with_drops].tolist(), strict=True):
             out.drops[k] = u_drops[u]
     return out
+
+
+def _tails(
+    arr: np.ndarray,
+    rel: np.ndarray,
+    cnt: np.ndarray,
+    mapped_end: int,
+    tail: int,
+    out: np.ndarray,
+    has: np.ndarray,
+    lead: np.ndarray,
+) -> None:
+    """First 2 bytes of the segments, and the last ``tail`` bytes of those that end inside
+    the mapped part of ``arr``."""
+    two = cnt >= 2
+    lead[two] = sliding_window_view(arr, 2)[rel[two]]
+    ends = rel + cnt
+    inside = ends <= mapped_end
+    full = inside & (cnt >= tail)
+    if full.any():
+        out[full] = sliding_window_view(arr, tail)[ends[full] - tail]
+    for k in np.flatnonzero(inside & ~full).tolist():  # shorter than ``tail``: right-aligned
+        out[k, tail - int(cnt[k]) :] = arr[int(rel[k]) : int(ends[k])]
+    has[inside] = True
 
 
 def _parse_one(

@@ -71,10 +71,10 @@ from services.shared.wsi.sniff import (
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
 
 _MAX_GAP = 8
-_MARKER_WINDOW = 16 << 20
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_.\-]+-[a-z]{3}-[a-z2-7]{24}$")
 _SAMPLES_PER_LEVEL = 3
 _STREAM_MIN_PATTERN = 6
+_SCAN_THREADS = min(2, os.cpu_count() or 1)  # the output is searched in this many parts
 _OPENSLIDE_VENDOR = {
     SlideFormat.APERIO_SVS: "aperio",
     SlideFormat.HAMAMATSU_NDPI: "hamamatsu",
@@ -238,7 +238,7 @@ def _scan_output(
             found.append("an identifying value from the input is present in the output bytes")
             return True
 
-        streams.scan_file(fd, plan, hit, window=policy.buffer_size)
+        streams.scan_file(fd, plan, hit, window=policy.buffer_size, threads=_SCAN_THREADS)
     if found:
         raise _fail(found[0])
 
@@ -301,7 +301,6 @@ def _verify_tiff(
         if problem:
             raise _fail(problem)
     meta = _check_coverage(path, st)
-    _check_stream_markers(path, st)
     _check_with_tifffile(path, st, fmt)
     if fmt in _OPENSLIDE_VENDOR:
         _check_with_openslide(path, fmt, policy)
@@ -436,70 +435,10 @@ _MARKERS = {
 }
 
 
-def _check_stream_markers(path: Path, st: TiffStructure) -> None:
-    """Every JPEG / JPEG 2000 tile must start with SOI/SOC and end with EOI/EOC: a cheap test
-    of all tiles (sample tiles are fully decoded separately). The file is mapped window by
-    window and the markers of all tiles of a window are compared at once."""
-    with open(path, "rb") as fh:
-        fd = fh.fileno()
-        for ifd in st.all_ifds():
-            markers = _MARKERS.get(ifd.compression)
-            if markers is None:
-                continue
-            offs, cnts = ifd.segment_arrays()
-            used = np.flatnonzero(cnts > 0)
-            if (cnts[used] < 4).any():
-                raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: a tile is too short")
-            order = used[np.argsort(offs[used], kind="stable")]
-            huge = cnts[order] > _MARKER_WINDOW
-            for k in order[huge].tolist():  # a huge strip: head and tail only
-                head = os.pread(fd, 2, int(offs[k]))
-                tail = os.pread(fd, 16, int(offs[k] + cnts[k]) - 16).rstrip(b"\x00")
-                if head != markers[0] or not tail.endswith(markers[1]):
-                    raise _incomplete_stream(ifd.index, k)
-            bad = _window_markers(fd, offs, cnts, order[~huge], markers)
-            if bad is not None:
-                raise _incomplete_stream(ifd.index, bad)
-
-
 def _incomplete_stream(index: int, k: int) -> DeidRejected:
     return DeidRejected(
         CORRUPT_IMAGE_DATA, f"IFD {index}: tile {k} is not a complete compressed stream"
     )
-
-
-def _window_markers(
-    fd: int, offs: np.ndarray, cnts: np.ndarray, order: np.ndarray, markers: tuple[bytes, bytes]
-) -> int | None:
-    """First tile (of ``order``, sorted by offset) without its start/end markers, else None."""
-    start_m = np.frombuffer(markers[0], dtype=np.uint8)
-    end_m = np.frombuffer(markers[1], dtype=np.uint8)
-    o = offs[order]
-    e = o + cnts[order]
-    i = 0
-    while i < len(order):
-        lo = int(o[i])
-        j = max(int(np.searchsorted(o, lo + _MARKER_WINDOW, "left")), i + 1)
-        hi = int(e[i:j].max())
-        bad: int | None = None
-        with streams.mapped(fd, lo, hi) as (mm, d):
-            win = np.frombuffer(mm, dtype=np.uint8)
-            rel_s = o[i:j] - lo + d
-            rel_e = e[i:j] - lo + d
-            ok = (win[rel_s] == start_m[0]) & (win[rel_s + 1] == start_m[1])
-            ok &= (win[rel_e - 2] == end_m[0]) & (win[rel_e - 1] == end_m[1])
-            for k in np.flatnonzero(~ok).tolist():
-                # allow zero padding after the end marker; anything else is corrupt
-                s_k, e_k = int(rel_s[k]), int(rel_e[k])
-                tail = win[max(s_k, e_k - 16) : e_k].tobytes().rstrip(b"\x00")
-                if win[s_k : s_k + 2].tobytes() != markers[0] or not tail.endswith(markers[1]):
-                    bad = int(order[i + k])
-                    break
-            del win
-        if bad is not None:
-            return bad
-        i = j
-    return None
 
 
 def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -768,14 +707,41 @@ def _decode_frames(path: Path, hdr: DicomHeader) -> None:
 
 
 _CS_HEAD = 1 << 20
+_TAIL = 16  # zero padding allowed after EOI/EOC within the last bytes
+
+
+def _incomplete_tile(
+    fd: int,
+    offs: np.ndarray,
+    cnts: np.ndarray,
+    used: np.ndarray,
+    heads: streams.HeadScans,
+    markers: tuple[bytes, bytes],
+) -> int | None:
+    """First tile (index) that does not start with SOI/SOC or end with EOI/EOC."""
+    assert heads.tail is not None and heads.has_tail is not None and heads.lead is not None
+    m0, m1 = markers
+    lead, tail = heads.lead[used], heads.tail[used]
+    ok = (lead[:, 0] == m0[0]) & (lead[:, 1] == m0[1]) & heads.has_tail[used]
+    ok &= (tail[:, -2] == m1[0]) & (tail[:, -1] == m1[1])
+    for k in used[~ok].tolist():  # zero padding after the end marker, or a huge strip
+        off, cnt = int(offs[k]), int(cnts[k])
+        head = os.pread(fd, 2, off)
+        end = os.pread(fd, min(cnt, _TAIL), off + cnt - min(cnt, _TAIL)).rstrip(b"\x00")
+        if head != m0 or not end.endswith(m1):
+            return k
+    return None
 
 
 def _check_codestream_heads(path: Path, st: TiffStructure) -> _Entropy:
-    """No JPEG COM/APPn (beyond JFIF/Adobe and known encoder signatures) and no JPEG 2000
-    COM may remain in the header of any tile: every header is parsed up to SOS/SOT (tiles
-    whose header bytes are identical share one parse, see :func:`streams.scan_heads`).
-    Returns the entropy-coded range of every JPEG tile, searched for such markers by
-    :func:`_scan_output` in the same pass as the identifying values."""
+    """Every JPEG / JPEG 2000 tile must start with SOI/SOC and end with EOI/EOC (zero
+    padding allowed after it; sample tiles are fully decoded separately), and no JPEG
+    COM/APPn (beyond JFIF/Adobe and known encoder signatures) or JPEG 2000 COM may remain
+    in the header of any tile: every header is parsed up to SOS/SOT (tiles whose header
+    bytes are identical share one parse, see :func:`streams.scan_heads`; the first and last
+    bytes of every tile are taken in the same mapped pass). Returns the entropy-coded range
+    of every JPEG tile, searched for such markers by :func:`_scan_output` in the same pass
+    as the identifying values."""
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
     ifds: list[np.ndarray] = []
@@ -787,20 +753,27 @@ def _check_codestream_heads(path: Path, st: TiffStructure) -> _Entropy:
             if comp not in codestream.JPEG_COMPRESSIONS and not j2k:
                 continue
             offs, cnts = ifd.segment_arrays()
+            used = np.flatnonzero(cnts > 0)
+            if (cnts[used] < 4).any():
+                raise DeidRejected(CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: a tile is too short")
             try:
-                heads = streams.scan_heads(fh.fileno(), st.file_size, offs, cnts, head_max=_CS_HEAD)
+                heads = streams.scan_heads(
+                    fh.fileno(), st.file_size, offs, cnts, head_max=_CS_HEAD, tail=_TAIL
+                )
             except streams.HeadError as exc:
                 what = "malformed" if exc.problem == "malformed" else "incomplete"
                 raise DeidRejected(
                     CORRUPT_IMAGE_DATA, f"IFD {ifd.index}: tile {exc.index} header is {what}"
                 ) from exc
+            bad = _incomplete_tile(fh.fileno(), offs, cnts, used, heads, _MARKERS[comp])
+            if bad is not None:
+                raise _incomplete_stream(ifd.index, bad)
             if heads.drops:
                 raise _fail(
                     f"IFD {ifd.index}: tile {min(heads.drops)} carries a comment/APPn segment"
                 )
             if j2k:
                 continue
-            used = np.flatnonzero(cnts > 0)
             starts.append(offs[used] + heads.header_end[used])
             ends.append(offs[used] + cnts[used])
             ifds.append(np.full(len(used), ifd.index, dtype=np.int64))
