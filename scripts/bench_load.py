@@ -45,9 +45,9 @@ def load_world() -> FaultWorld:
         kafka_port=29092,
         kafka_controller_port=29093,
         s3_port=27070,
-        mongo_port=38017,
+        mongo_port=23017,
         ferretdb_debug_port=28088,
-        port_offset=2000,
+        port_base=22000,
     )
 
 

@@ -55,21 +55,20 @@ class Svc:
     metrics_port: int
 
 
-# A second stack beside the first (the fault tests run one) shifts every port by an offset.
-PORT_OFFSET = int(os.environ.get("TESSERA_DEVSTACK_PORT_OFFSET", "0"))
-SERVICES = tuple(
-    Svc(name, grpc + PORT_OFFSET, metrics + PORT_OFFSET)
-    for name, grpc, metrics in (
-        ("access", 50051, 9461),
-        ("ingestion", 50052, 9462),
-        ("deid", 50053, 9463),
-        ("tiling", 50054, 9464),
-        ("metadata", 50055, 9465),
-        ("serving", 50056, 9466),
+# A second stack beside the first (the fault tests and the load run start one) takes its ports
+# from a base: gRPC base+1..base+6, metrics base+11..base+16, tiles over HTTP base+20. Keep it
+# below the kernel's ephemeral range (32768+), where an outgoing connection may hold the port.
+PORT_BASE = int(os.environ.get("TESSERA_DEVSTACK_PORT_BASE", "0"))
+_NAMES = ("access", "ingestion", "deid", "tiling", "metadata", "serving")
+if PORT_BASE:
+    SERVICES = tuple(
+        Svc(name, PORT_BASE + 1 + i, PORT_BASE + 11 + i) for i, name in enumerate(_NAMES)
     )
-)
-ACCESS_ENDPOINT = f"127.0.0.1:{50051 + PORT_OFFSET}"
-TILING_HTTP_PORT = 8180 + PORT_OFFSET
+    TILING_HTTP_PORT = PORT_BASE + 20
+else:
+    SERVICES = tuple(Svc(name, 50051 + i, 9461 + i) for i, name in enumerate(_NAMES))
+    TILING_HTTP_PORT = 8180
+GRPC_ENDPOINT = {svc.name: f"127.0.0.1:{svc.grpc_port}" for svc in SERVICES}
 # For debugging one service at a time: TESSERA_DEVSTACK_ONLY=access,metadata
 _ONLY = {n for n in os.environ.get("TESSERA_DEVSTACK_ONLY", "").split(",") if n}
 if _ONLY:
@@ -118,11 +117,15 @@ def service_env(svc: Svc) -> dict[str, str]:
             "TESSERA_S3__SECRET_KEY": S3_SECRET,
             "TESSERA_MONGO__URI": MONGO,
             "TESSERA_MONGO__DATABASE": DATABASE,
-            "TESSERA_ENDPOINTS__ACCESS": ACCESS_ENDPOINT,
+            "TESSERA_ENDPOINTS__ACCESS": GRPC_ENDPOINT["access"],
             "TESSERA_TELEMETRY__TRACES_EXPORTER": "file",
             "TESSERA_TELEMETRY__SPANS_FILE": str(TRACES / f"{svc.name}.jsonl"),
         }
     )
+    # crash points for the fault tests (services/shared/failpoints.py); inert when unset
+    for name in ("TESSERA_FAILPOINTS", "TESSERA_FAILPOINTS_DIR"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     pseudonym_key = (KEYS / "pseudonym.key").read_text().strip()
     if svc.name == "ingestion":
         env["TESSERA_INGESTION__SPOOL_DIR"] = str(DATA / "ingestion-spool")
@@ -136,7 +139,7 @@ def service_env(svc: Svc) -> dict[str, str]:
         env["TESSERA_TILING__WORK_DIR"] = str(DATA / "tiling-work")
         env["TESSERA_TILING__HTTP_PORT"] = str(TILING_HTTP_PORT)
         # the viewer's record panel reads the catalogue with the viewer's token
-        env["TESSERA_ENDPOINTS__METADATA"] = "127.0.0.1:50055"
+        env["TESSERA_ENDPOINTS__METADATA"] = GRPC_ENDPOINT["metadata"]
     return env
 
 

@@ -18,7 +18,7 @@ from google.protobuf.message import Message as ProtoMessage
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.shared import metrics, telemetry
+from services.shared import failpoints, metrics, telemetry
 from services.shared.errors import PermanentEventError, TesseraError, Unavailable, is_outage
 from services.shared.ports.bus import Message, MessageBus, Publisher, Subscription
 from tessera.events.v1 import events_pb2
@@ -234,6 +234,7 @@ class EventRunner:
                     done = await self._process(msg)
                     if not done:
                         return True
+                    failpoints.hit("events.before_commit", self._service)
                     await sub.commit(msg)
                     await self._report_lag(sub)
             return True

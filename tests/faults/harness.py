@@ -40,7 +40,7 @@ from services.shared.auth import TokenIssuer  # noqa: E402
 from services.shared.events import ALL_TOPICS, dead_letter_topic  # noqa: E402
 from tessera.common.v1 import common_pb2  # noqa: E402
 from tessera.metadata.v1 import metadata_pb2  # noqa: E402
-from tests.faults.world import HOME, SERVICE_NAMES, FaultWorld  # noqa: E402
+from tests.faults.world import HOME, SERVICE_NAMES, FaultWorld, WorldError  # noqa: E402
 from tests.fixtures import wsigen  # noqa: E402
 
 SLIDES = REPO.parent / "shared" / "slides"
@@ -197,6 +197,7 @@ class Campaign:
         spread_s: float = 150,
         concurrency: int = 4,
         timeout_s: float = 900,
+        chaos: bool = True,
     ) -> None:
         self.world = world
         self.items = items
@@ -204,6 +205,7 @@ class Campaign:
         self.rng = random.Random(seed)
         self.concurrency = concurrency
         self.spread_s = spread_s  # uploads start at random moments over this window
+        self.chaos = chaos  # False: no injected faults, but a supervisor restarts crashed services
         self.timeout_s = timeout_s
         self.t0 = 0.0
         self.faults: list[Fault] = []
@@ -222,13 +224,20 @@ class Campaign:
         async with TesseraClient(token, self.world.endpoints) as client:
             await self._retrying(lambda: client.create_dataset(self.dataset, "fault campaign"))
             uploader = asyncio.create_task(self._upload_all(client))
-            chaos = asyncio.create_task(self._chaos(uploader))
+            if self.chaos:
+                chaos = asyncio.create_task(self._chaos())
+            else:
+                chaos = asyncio.create_task(self._supervise(uploader))
             await self._inject_malformed()
             await uploader
-            await chaos
+            if self.chaos:
+                await chaos
             last_fault_end = self.now()
             await self._wait_final(client)
             drain = self.now() - last_fault_end
+            chaos.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await chaos
         report = Report(self.uploads, self.faults, self.problems, injected_bad=len(self.injected))
         report.drain_s = drain
         report.wall_s = self.now()
@@ -290,7 +299,25 @@ class Campaign:
 
     # faults: every service killed once at a random moment, then the servers one by one
 
-    async def _chaos(self, uploader: asyncio.Task[None]) -> None:
+    async def _supervise(self, uploader: asyncio.Task[None]) -> None:
+        """What a process supervisor (systemd, a kubelet) does: restart a service that died."""
+        seen = {s: self.world.service_pid(s) for s in SERVICE_NAMES}
+        while True:
+            pids = {s: self.world.service_pid(s) for s in SERVICE_NAMES}
+            # dead now, or restarted already by a start that another crash triggered
+            dead = [s for s in SERVICE_NAMES if pids[s] is None or pids[s] != seen[s]]
+            if dead:
+                t = time.monotonic()
+                fault = Fault(f"crash {'+'.join(dead)}", self.now())
+                # another one may die while starting: the next round restarts it
+                with contextlib.suppress(WorldError):
+                    await self.world.start_services()
+                fault.recovered_s = time.monotonic() - t
+                self.faults.append(fault)
+                seen = {s: self.world.service_pid(s) for s in SERVICE_NAMES}
+            await asyncio.sleep(0.5)
+
+    async def _chaos(self) -> None:
         plan: list[str] = [f"kill {s}" for s in SERVICE_NAMES]
         self.rng.shuffle(plan)
         plan.insert(self.rng.randrange(len(plan) + 1), "restart kafka")
@@ -539,8 +566,8 @@ async def campaign(
 ) -> Report:
     items = real_samples() + generated(max(0, slides - 4), seed)
     world = FaultWorld()
-    await world.up(fresh=True)
     try:
+        await world.up(fresh=True)
         return await Campaign(
             world, items[:slides], outage_s=outage_s, seed=seed, spread_s=spread_s
         ).run()

@@ -3,7 +3,8 @@ six services, on ports shifted away from the developer stack (`make up`), with i
 folder. Faults are injected only into this stack and only on 127.0.0.1.
 
 The same scripts start it as the developer stack (`deploy/local/stack.sh`, `devstack.py`), with
-`TESSERA_STACK_DIR`, `TESSERA_*_PORT` and `TESSERA_DEVSTACK_PORT_OFFSET` set."""
+`TESSERA_STACK_DIR`, `TESSERA_*_PORT` and `TESSERA_DEVSTACK_PORT_BASE` set. Every port is
+below the kernel's ephemeral range (32768+), so no outgoing connection can be holding it."""
 
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 HOME = Path(os.environ.get("TESSERA_HOME", REPO / ".tessera"))
 SERVICE_NAMES = ("access", "ingestion", "deid", "tiling", "metadata", "serving")
 SERVER_NAMES = ("kafka", "s3", "ferretdb")
-PORT_OFFSET = 1000
-BASE_GRPC = {name: 50051 + i for i, name in enumerate(SERVICE_NAMES)}
-BASE_METRICS = {name: 9461 + i for i, name in enumerate(SERVICE_NAMES)}
+INDEX = {name: i for i, name in enumerate(SERVICE_NAMES)}
 
 
 class WorldError(RuntimeError):
@@ -41,7 +40,8 @@ class FaultWorld:
     s3_port: int = 17070
     mongo_port: int = 28017
     ferretdb_debug_port: int = 18088
-    port_offset: int = PORT_OFFSET  # added to the six services' gRPC/metrics/HTTP ports
+    port_base: int = 21000  # services: gRPC base+1.., metrics base+11.. (deploy/local/devstack.py)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. armed failpoints
 
     @property
     def stack_dir(self) -> Path:
@@ -64,10 +64,10 @@ class FaultWorld:
         return f"mongodb://127.0.0.1:{self.mongo_port}/"
 
     def grpc_port(self, service: str) -> int:
-        return BASE_GRPC[service] + self.port_offset
+        return self.port_base + 1 + INDEX[service]
 
     def metrics_port(self, service: str) -> int:
-        return BASE_METRICS[service] + self.port_offset
+        return self.port_base + 11 + INDEX[service]
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -84,10 +84,11 @@ class FaultWorld:
                 "TESSERA_S3_PORT": str(self.s3_port),
                 "TESSERA_MONGO_PORT": str(self.mongo_port),
                 "TESSERA_FERRETDB_DEBUG_PORT": str(self.ferretdb_debug_port),
-                "TESSERA_DEVSTACK_PORT_OFFSET": str(self.port_offset),
+                "TESSERA_DEVSTACK_PORT_BASE": str(self.port_base),
                 "TESSERA_STOP_TIMEOUT": "20",
             }
         )
+        env.update(self.extra_env)
         return env
 
     # -- commands ----------------------------------------------------------------------------
