@@ -20,7 +20,7 @@
 #                                                     etcd data, logs/, run/*.pid
 # Overrides: TESSERA_KUBE_API_PORT [16443] TESSERA_ETCD_PORT [12379] TESSERA_ETCD_PEER_PORT [12380]
 #   TESSERA_READY_TIMEOUT [180 s per server] TESSERA_STOP_TIMEOUT [30 s per server]
-# shellcheck source-path=SCRIPTDIR
+# shellcheck source-path=SCRIPTDIR disable=SC2317 # functions are called through variables
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -213,14 +213,25 @@ install_helm() {
   helm_stamp >"$HELM_CACHE/stamp"
 }
 
-cmd_install() {
+# one build of a component at a time (two `up`s started together must not build into the same
+# folder); each component has its own lock, so `up` need not wait for a helm build
+locked() { # component install-function
+  local fd
   mkdir -p "$CACHE_DIR"
-  exec 8>"$CACHE_DIR/.kube-install.lock"
-  flock 8
-  install_etcd
-  install_apiserver
-  install_helm
-  exec 8>&-
+  exec {fd}>"$CACHE_DIR/.kube-install-$1.lock"
+  flock "$fd"
+  "$2"
+  exec {fd}>&-
+}
+
+cmd_install_servers() {
+  locked etcd install_etcd
+  locked apiserver install_apiserver
+}
+
+cmd_install() {
+  cmd_install_servers
+  locked helm install_helm
 }
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +427,7 @@ start_apiserver() {
     --etcd-servers "http://$HOST:$ETCD_PORT" \
     --bind-address "$HOST" \
     --advertise-address "$HOST" \
+    --endpoint-reconciler-type none \
     --secure-port "$API_PORT" \
     --cert-dir "$PKI_DIR" \
     --tls-cert-file "$PKI_DIR/apiserver.crt" \
@@ -448,7 +460,7 @@ ready_apiserver() {
 cmd_up() {
   need curl
   need setsid
-  { etcd_installed && apiserver_installed && helm_installed; } || cmd_install
+  { etcd_installed && apiserver_installed; } || cmd_install_servers
   mkdir -p "$KUBE_DIR" "$LOG_DIR" "$RUN_DIR"
   local name pid
   for name in "${SERVERS[@]}"; do
@@ -505,7 +517,7 @@ main() {
   env) cmd_env ;;
   helm)
     shift
-    helm_installed || cmd_install
+    helm_installed || locked helm install_helm
     exec "$HELM_BIN" "$@"
     ;;
   -h | --help | help) usage ;;

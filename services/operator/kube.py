@@ -199,13 +199,20 @@ class KubeApi:
 
     async def patch_status(
         self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
-        await self.request(
-            "PATCH",
-            path_of(kind, namespace, name, "status"),
-            body={"status": dict(status)},
-            content_type="application/merge-patch+json",
-        )
+    ) -> bool:
+        """False when the object is gone (deleted while it was being reconciled)."""
+        try:
+            await self.request(
+                "PATCH",
+                path_of(kind, namespace, name, "status"),
+                body={"status": dict(status)},
+                content_type="application/merge-patch+json",
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def healthy(self) -> bool:
         try:

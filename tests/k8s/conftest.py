@@ -57,11 +57,13 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0) 
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
+            value = probe()
         except ApiException as exc:
-            last = f"API {exc.status}"
-        if last:
-            return last
+            last = f"API {exc.status}"  # e.g. not created yet: keep waiting
+        else:
+            if value:
+                return value
+            last = value
         time.sleep(0.25)
     pytest.fail(f"timed out waiting for {what} (last: {last!r})", pytrace=False)
 

@@ -7,6 +7,7 @@ rolled out, federation, a ModelDeployment, and deletion with cleanup.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import urllib.request
@@ -546,6 +547,11 @@ async def test_deleting_a_node_cleans_up(
     left = _owned_names(cluster, b.namespace, beta)
     assert all(not names for names in left.values()), left
     # cleanupPolicy Delete: its topics, buckets and database are gone from the real servers
+    # (Kafka deletes topics asynchronously: poll its metadata for a while)
+    for _ in range(120):
+        if await _topics(b.prefix) == {}:
+            break
+        await asyncio.sleep(0.5)
     assert await _topics(b.prefix) == {}
     client = _minio()
     assert not any(client.bucket_exists(x) for x in b.buckets.values())
