@@ -204,10 +204,24 @@ class Catalogue:
         # The rest only moves forward, so it is safe to repeat: it runs for a redelivered
         # event too, which repairs a crash between the update above and these. Timestamps
         # are the earliest and latest event times, whatever order the events came in.
+        # READY means viewable, which needs the pyramid too. Events of different topics come in
+        # any order: READY waits for TILED, and a TILED arriving after the inference result
+        # completes the slide. A reader who sees READY sees the pyramid and the result.
+        forward: dict[str, Any] = {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 0.5}}
+        if status == "READY":
+            forward["pyramid"] = {"$exists": True}
         await self._slides.update(
-            {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 0.5}},
-            set_fields={"status": status, "status_rank": RANK[status]},
+            forward, set_fields={"status": status, "status_rank": RANK[status]}
         )
+        if status == "TILED":
+            await self._slides.update(
+                {
+                    "_id": slide_id,
+                    "inference": {"$exists": True},
+                    "status_rank": {"$lte": RANK["READY"] - 0.5},
+                },
+                set_fields={"status": "READY", "status_rank": RANK["READY"]},
+            )
         await self._slides.update(
             {"_id": slide_id, "created_at": {"$gte": at}}, set_fields={"created_at": at}
         )

@@ -237,6 +237,24 @@ async def test_scrambled_and_redelivered_events_give_the_same_slide(seed: int) -
     assert comparable(doc) == expected
 
 
+async def test_ready_waits_for_the_pyramid_when_the_result_comes_first() -> None:
+    """Serving may announce its result before the catalogue has consumed the tiled event (two
+    topics, no order between them): READY is shown only with the pyramid in place."""
+    received_, deidentified_, tiled_, inferred_ = pipeline("s1")
+    cat, col = new_catalogue()
+    for env in (received_, deidentified_, inferred_):
+        await cat.on_event(env)
+    doc = await col.get("s1")
+    assert doc is not None and doc["status"] == "DEIDENTIFIED"
+    await cat.on_event(tiled_)
+    doc = await col.get("s1")
+    assert doc is not None and doc["status"] == "READY"
+    assert int(doc["pyramid"]["tile_count"]) == 321 and len(doc["inference"]) == 1
+    assert sorted(e["status"] for e in doc["timeline"]) == sorted(
+        ["RECEIVED", "DEIDENTIFIED", "TILED", "READY"]
+    )
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_rejection_wins_whatever_the_order(seed: int) -> None:
     m = timedelta(minutes=1)
