@@ -86,3 +86,12 @@ def test_dicom_elements_pydicom_cannot_decode(name: str, runner: Runner) -> None
     MALFORMED_FILE."""
     out = runner.run("deid_dicom", "dicom", (CORPUS / name).read_bytes())
     assert (out.kind, out.label) == ("domain", "MALFORMED_FILE"), out
+
+
+def test_ndpi_whose_output_pages_tifffile_cannot_parse(runner: Runner) -> None:
+    """A byte of the NDPI zeroed (found by the fuzzer): the verifier's tifffile cross-check
+    raised TypeError while iterating the output's pages (retried, then dead-lettered) instead
+    of failing the verification."""
+    data = (CORPUS / "ndpi-tifffile-pages.ndpi").read_bytes()
+    out = runner.run("deid_ndpi", "ndpi", data)
+    assert out.kind == "domain", out

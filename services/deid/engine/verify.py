@@ -469,7 +469,11 @@ def _check_with_tifffile(path: Path, st: TiffStructure, fmt: SlideFormat) -> Non
     except Exception as exc:
         raise _fail(f"tifffile cannot open the output ({type(exc).__name__})") from exc
     with tf:
-        pages = list(tf.pages)
+        try:
+            pages = list(tf.pages)  # pages are parsed while iterating
+        except Exception as exc:
+            # e.g. TypeError from a malformed NDPI page (found by tests/fuzz): was retried
+            raise _fail(f"tifffile cannot read the output's pages ({type(exc).__name__})") from exc
         if len(pages) != len(st.ifds):
             raise _fail("tifffile and the parser disagree on the number of IFDs")
         for page, ifd in zip(pages, st.ifds, strict=True):
