@@ -49,6 +49,23 @@ RANK = {
     "READY": 4,
     "REJECTED": 100,
 }
+# What a status needs before it is shown (REJECTED needs nothing: it ends the slide).
+REQUIRES = {
+    "RECEIVED": (),
+    "NEEDS_REVIEW": ("RECEIVED",),
+    "DEIDENTIFIED": ("RECEIVED",),
+    "TILED": ("RECEIVED", "DEIDENTIFIED"),
+    "READY": ("RECEIVED", "DEIDENTIFIED", "TILED"),
+    "REJECTED": (),
+}
+
+
+def _furthest_complete(reached: set[Any]) -> str:
+    """The highest-ranked reached status whose prerequisites were all reached ('' if none)."""
+    complete = [s for s in reached if s in RANK and all(r in reached for r in REQUIRES[s])]
+    return max(complete, key=RANK.__getitem__, default="")
+
+
 MAX_PAGE = 200
 MAX_OFFSET = 10_000_000
 DEFAULT_PAGE = 50
@@ -204,23 +221,17 @@ class Catalogue:
         # The rest only moves forward, so it is safe to repeat: it runs for a redelivered
         # event too, which repairs a crash between the update above and these. Timestamps
         # are the earliest and latest event times, whatever order the events came in.
-        # READY means viewable, which needs the pyramid too. Events of different topics come in
-        # any order: READY waits for TILED, and a TILED arriving after the inference result
-        # completes the slide. A reader who sees READY sees the pyramid and the result.
-        forward: dict[str, Any] = {"_id": slide_id, "status_rank": {"$lte": RANK[status] - 0.5}}
-        if status == "READY":
-            forward["pyramid"] = {"$exists": True}
-        await self._slides.update(
-            forward, set_fields={"status": status, "status_rank": RANK[status]}
-        )
-        if status == "TILED":
+        # The status shown is the furthest stage whose earlier stages are all applied too:
+        # events of different topics arrive in any order, and a reader who sees READY must
+        # see the clinical fields, the format, the pyramid and the result. Each handler reads
+        # after its own write, so of two racing handlers at least one sees both writes.
+        doc = await self._slides.get(slide_id)
+        reached = {e.get("status") for e in (doc or {}).get("timeline", [])}
+        shown = _furthest_complete(reached)
+        if shown:
             await self._slides.update(
-                {
-                    "_id": slide_id,
-                    "inference": {"$exists": True},
-                    "status_rank": {"$lte": RANK["READY"] - 0.5},
-                },
-                set_fields={"status": "READY", "status_rank": RANK["READY"]},
+                {"_id": slide_id, "status_rank": {"$lte": RANK[shown] - 0.5}},
+                set_fields={"status": shown, "status_rank": RANK[shown]},
             )
         await self._slides.update(
             {"_id": slide_id, "created_at": {"$gte": at}}, set_fields={"created_at": at}

@@ -255,6 +255,18 @@ async def test_ready_waits_for_the_pyramid_when_the_result_comes_first() -> None
     )
 
 
+async def test_nothing_is_shown_ready_before_the_received_event_is_applied() -> None:
+    received_, deidentified_, tiled_, inferred_ = pipeline("s1")
+    cat, col = new_catalogue()
+    for env in (inferred_, tiled_, deidentified_):
+        await cat.on_event(env)
+    doc = await col.get("s1")
+    assert doc is not None and doc["status"] not in ("READY", "TILED", "DEIDENTIFIED")
+    await cat.on_event(received_)
+    doc = await col.get("s1")
+    assert doc is not None and doc["status"] == "READY"
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_rejection_wins_whatever_the_order(seed: int) -> None:
     m = timedelta(minutes=1)
