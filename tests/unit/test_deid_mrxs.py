@@ -14,7 +14,13 @@ import numpy as np
 import openslide
 import pytest
 
-from services.deid.engine import DeidPolicy, DeidRejected, deidentify, deidentify_and_verify
+from services.deid.engine import (
+    DeidNeedsReview,
+    DeidPolicy,
+    DeidRejected,
+    deidentify,
+    deidentify_and_verify,
+)
 from services.deid.engine import mrxs as M
 from services.deid.engine.verify import verify
 from services.shared.pseudonym import Pseudonymizer
@@ -183,6 +189,23 @@ def test_unknown_general_key_fails_closed_naming_the_key(
     exc = _rejected(fx.path, tmp_path)
     assert exc.reason == M.UNKNOWN_MRXS_KEY
     assert "PLANT_NEW_KEY" in exc.detail and "Secret" not in exc.detail
+    # held for a steward, not rejected outright: the key is named for the rule
+    assert isinstance(exc, DeidNeedsReview)
+    assert [i.key for i in exc.items] == ["mrxs:GENERAL.PLANT_NEW_KEY"]
+
+
+@pytest.mark.parametrize("action", ["remove", "keep"])
+def test_a_steward_rule_settles_an_unknown_general_key(tmp_path: Path, action: str) -> None:
+    fx = wsigen.mrxs_slide(
+        tmp_path, np.random.default_rng(22), extra_general=[("PLANT_NEW_KEY", "Scan Profile 7")]
+    )
+    policy = DeidPolicy(approved_rules=(("mrxs:GENERAL.PLANT_NEW_KEY", action),))
+    dst = tmp_path / "o.zip"
+    deidentify_and_verify(fx.path, dst, SlideFormat.MIRAX, P, policy)
+    blobs = b"".join(data for _, data in _all_bytes(dst))
+    assert (b"Scan Profile 7" in blobs) == (action == "keep")
+    for value in fx.planted_values:
+        assert value not in blobs
 
 
 def test_unknown_layer_fails_closed(tmp_path: Path) -> None:

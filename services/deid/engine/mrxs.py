@@ -324,10 +324,11 @@ def clean_general(p: Parsed, pseudonymizer: Pseudonymizer, tally: Tally) -> list
         elif key in GENERAL_REMOVE:
             if value:
                 tally.remove(f"mrxs_key.{key}", value)
-        else:
-            raise DeidRejected(
-                UNKNOWN_MRXS_KEY, f"Slidedat.ini [GENERAL] {key_label(key)} is not a known key"
-            )
+        elif tally.unknown("mrxs", f"GENERAL.{key}", UNKNOWN_MRXS_KEY, "Slidedat.ini [GENERAL]"):
+            out.append((key, value))  # a steward's KEEP rule for this key
+        elif value:
+            # dropped (a REMOVE rule, or held for review: nothing is written then)
+            tally.remove(f"mrxs_key.{key_label(key)}", value)
     for key in ("IMAGENUMBER_X", "IMAGENUMBER_Y", "OBJECTIVE_MAGNIFICATION"):
         if key not in dict(out):
             raise DeidRejected(MALFORMED_FILE, f"Slidedat.ini [GENERAL] {key} is missing")
@@ -421,6 +422,7 @@ def deidentify_mrxs(
     members = {m.name: m for m in lay.members}
     p = parse(_small(src, members, f"{d}/Slidedat.ini", "Slidedat.ini", bundle.SLIDEDAT_MAX_BYTES))
     general = clean_general(p, pseudonymizer, tally)
+    tally.raise_for_review()  # keys no rule knows: the slide is held, nothing is written
     sources = _sources(src, members, [f"{d}/{n}" for n in p.datafiles], scratch)
     index = _Index(
         _small(src, members, f"{d}/{p.index_name}", "the index file", _MAX_INDEX_BYTES), p.slide_id

@@ -837,7 +837,7 @@ def _verify_bundle(
         placed = {n: s for n, s in sources.items() if s is not None}
         meta: list[tuple[int, int]] = []
         if fmt is SlideFormat.MIRAX and lay.kind == bundle.KIND_MRXS:
-            _verify_mrxs(path, placed, tmp)
+            _verify_mrxs(path, placed, tmp, policy)
             meta = [(s.offset, s.offset + s.size) for n, s in placed.items() if n[-4:] != ".dat"]
         elif fmt is SlideFormat.DICOM_WSI and lay.kind == bundle.KIND_DICOM:
             try:
@@ -860,7 +860,9 @@ def _read_source(path: Path, src: bundle.Source) -> bytes:
         return fh.read(src.size)
 
 
-def _verify_mrxs(path: Path, sources: dict[str, bundle.Source], tmp: Path) -> None:
+def _verify_mrxs(
+    path: Path, sources: dict[str, bundle.Source], tmp: Path, policy: DeidPolicy
+) -> None:
     names = set(sources)
     if "slide.mrxs" not in names or sources["slide.mrxs"].size:
         raise _fail("the output MRXS file is missing or not empty")
@@ -874,10 +876,12 @@ def _verify_mrxs(path: Path, sources: dict[str, bundle.Source], tmp: Path) -> No
     except bundle.BundleError as exc:
         raise _fail("the output Slidedat.ini cannot be read") from exc
     levels = {f"LAYER_0_LEVEL_{n}_SECTION" for n in range(64)}
+    kept = set(policy.kept("mrxs"))
     for section, keys in ini.sections.items():
         for key, value in keys.items():
             if section == "GENERAL":
-                ok = key in _MRXS_GENERAL_KEYS
+                # keys a data steward's rule keeps (DeidPolicy.approved_rules) are allowed too
+                ok = key in _MRXS_GENERAL_KEYS or f"GENERAL.{key}" in kept
             elif section == "HIERARCHICAL":
                 ok = bool(re.match(r"^(?:(?:NON)?HIER_|INDEXFILE$)", key))
             elif section == "DATAFILE":
@@ -940,7 +944,7 @@ def _verify_mrxs(path: Path, sources: dict[str, bundle.Source], tmp: Path) -> No
     finally:
         for h in handles.values():
             h.close()
-    _check_mrxs_openslide(tmp / "slide.mrxs", lowest)
+    _check_mrxs_openslide(tmp / "slide.mrxs", lowest, policy.kept("mrxs"))
 
 
 def _mrxs_index_records(
@@ -1029,7 +1033,7 @@ def _decode_mrxs_samples(
                     ) from exc
 
 
-def _check_mrxs_openslide(path: Path, lowest: int) -> None:
+def _check_mrxs_openslide(path: Path, lowest: int, kept: frozenset[str] = frozenset()) -> None:
     import openslide
 
     try:
@@ -1042,7 +1046,12 @@ def _check_mrxs_openslide(path: Path, lowest: int) -> None:
         if slide.associated_images.keys():
             raise _fail("OpenSlide lists an associated image")
         for key in slide.properties:
-            if key.startswith("mirax.GENERAL.") and key[14:] not in _MRXS_GENERAL_KEYS:
+            name = key[14:]
+            if (
+                key.startswith("mirax.GENERAL.")
+                and name not in _MRXS_GENERAL_KEYS
+                and f"GENERAL.{name}" not in kept
+            ):
                 raise _fail("OpenSlide shows a Slidedat.ini key outside the keep-list")
         if slide.level_count != lowest + 1:
             raise _fail("OpenSlide and the index disagree on the number of levels")
