@@ -8,6 +8,7 @@ from pathlib import Path
 from grpc import aio
 from pydantic import BaseModel, SecretStr
 
+from services.ingestion.admission import Admission
 from services.ingestion.core import Ingestion, IngestionLimits
 from services.ingestion.servicer import IngestionServicer
 from services.shared.access import AccessChecker
@@ -37,6 +38,10 @@ class IngestionOptions(BaseModel):
     max_concurrent_uploads: int = 16
     # Partial uploads untouched this long are deleted (their bytes may identify a patient).
     abandoned_upload_ttl_s: float = 72 * 3600
+    # New uploads are refused (RESOURCE_EXHAUSTED, PIPELINE_BACKLOG) while more than this many
+    # received slides wait for de-identification; 0 admits everything.
+    max_pipeline_backlog: int = 100
+    backlog_retry_after_s: float = 15.0
 
 
 class IngestionSettings(ServiceSettings):
@@ -76,6 +81,11 @@ def bootstrap(
         outbox=a.outbox("ingestion_outbox"),
         pseudonymizer=Pseudonymizer(opts.pseudonym_key.get_secret_value().encode(), settings.site),
         limits=IngestionLimits(max_upload_bytes=opts.max_upload_bytes),
+        admission=Admission(
+            a.bus,
+            max_backlog=opts.max_pipeline_backlog,
+            retry_after_s=opts.backlog_retry_after_s,
+        ),
     )
     servicer = IngestionServicer(core, opts.max_concurrent_uploads)
     expiry_stop = asyncio.Event()

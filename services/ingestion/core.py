@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.ingestion.admission import Admission
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.digest import file_sha256
@@ -129,7 +130,9 @@ class Ingestion:
         outbox: Outbox,
         pseudonymizer: Pseudonymizer,
         limits: IngestionLimits,
+        admission: Admission | None = None,
     ) -> None:
+        self._admission = admission
         self._spool = spool_dir
         self._uploads = uploads
         self._objects = objects
@@ -224,6 +227,8 @@ class Ingestion:
         path = self._spool / f"{upload_id}.part"
         doc = await self._uploads.get(upload_id)
         if doc is None:
+            if self._admission is not None:
+                await self._admission.admit()  # new work only: a resume always goes on
             doc = {
                 "_id": upload_id,
                 "slide_id": str(uuid.uuid4()),

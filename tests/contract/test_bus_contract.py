@@ -119,6 +119,33 @@ async def test_uncommitted_messages_are_redelivered_to_the_group(bus_env):
     assert values(await bus_env.fetch_n(sub3, 2)) == [b"m1", b"m2"]
 
 
+async def test_backlog_counts_what_a_group_has_not_committed(bus_env):
+    topic = await bus_env.topic(partitions=2)
+    group = bus_env.group()
+    assert await bus_env.bus.backlog(group, [topic]) == 0
+    pub = await bus_env.publisher()
+    for i in range(5):
+        await pub.publish(topic, b"m%d" % i, key=b"k%d" % i)
+    # a group that never committed has everything ahead of it
+    assert await bus_env.bus.backlog(group, [topic]) == 5
+    sub = await bus_env.subscription(group, [topic])
+    got = await bus_env.fetch_n(sub, 5)
+    for m in got[:3]:
+        await sub.commit(m)
+    committed_per_partition = {}
+    for m in got[:3]:
+        committed_per_partition[m.partition] = m.offset + 1
+    # committing a message commits everything before it in its partition
+    done = sum(1 for m in got if m.offset < committed_per_partition.get(m.partition, 0))
+    assert await bus_env.bus.backlog(group, [topic]) == 5 - done
+    for m in got:
+        await sub.commit(m)
+    assert await bus_env.bus.backlog(group, [topic]) == 0
+    # another group's progress is its own
+    assert await bus_env.bus.backlog(bus_env.group(), [topic]) == 5
+    await bus_env.stop(sub)
+
+
 async def test_each_group_sees_every_message(bus_env):
     topic = await bus_env.topic(partitions=2)
     pub = await bus_env.publisher()

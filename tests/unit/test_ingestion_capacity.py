@@ -12,12 +12,14 @@ import pytest
 from grpc import StatusCode, aio
 
 from services.cli.client import TesseraClient, retry_after_s
-from services.ingestion.core import Ingestion, IngestionLimits
+from services.ingestion.admission import DEID_GROUP, Admission
+from services.ingestion.core import Ingestion, IngestionLimits, UploadHeader
 from services.ingestion.servicer import IngestionServicer
 from services.shared.access import Action, StaticAccessChecker
 from services.shared.adapters.memory import InMemoryBus, InMemoryDocumentStore, InMemoryObjectStore
-from services.shared.auth import TokenIssuer, TokenVerifier, generate_keypair
-from services.shared.events import ALL_TOPICS, EventEmitter
+from services.shared.auth import Principal, TokenIssuer, TokenVerifier, generate_keypair
+from services.shared.errors import ResourceExhausted
+from services.shared.events import ALL_TOPICS, TOPIC_SLIDE_RECEIVED, EventEmitter
 from services.shared.grpc.client import open_channel
 from services.shared.grpc.interceptors import REASON_KEY, RETRY_AFTER_KEY, ServerPipeline
 from services.shared.outbox import Outbox
@@ -47,7 +49,9 @@ async def server(tmp_path: Path) -> AsyncIterator[str]:
         limits=IngestionLimits(),
     )
     await ingestion.ensure_ready()
-    srv = aio.server(interceptors=[ServerPipeline("unit", TokenVerifier(PUBLIC, "tessera", "tessera"))])
+    srv = aio.server(
+        interceptors=[ServerPipeline("unit", TokenVerifier(PUBLIC, "tessera", "tessera"))]
+    )
     ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(
         IngestionServicer(ingestion, max_concurrent_uploads=1), srv
     )
@@ -83,6 +87,7 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
 
     async with open_channel(server, lambda: token) as ch:
         stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
+
         async def hold() -> None:
             await stub.UploadSlide(slow(), timeout=30)
 
@@ -112,3 +117,77 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         await freer
         assert out.attempts >= 2
         assert out.slide_id
+
+
+# -- admission: new uploads wait while de-identification is behind --------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_new_uploads_are_refused_while_deid_is_behind_and_resumes_go_on(
+    tmp_path: Path,
+) -> None:
+    docs = InMemoryDocumentStore()
+    bus = InMemoryBus()
+    await bus.ensure_topics(list(ALL_TOPICS))
+    publisher = bus.publisher()
+    await publisher.start()
+    clock = Clock()
+    admission = Admission(bus, max_backlog=2, refresh_s=5.0, retry_after_s=7.0, clock=clock)
+    ingestion = Ingestion(
+        spool_dir=tmp_path / "spool",
+        uploads=docs.collection("uploads"),
+        objects=InMemoryObjectStore(),
+        quarantine_bucket="quarantine",
+        access=StaticAccessChecker({("alice", "ds-1"): {Action.ACTION_UPLOAD}}, {"ds-1"}),
+        outbox=Outbox(docs.collection("outbox"), EventEmitter("unit", publisher)),
+        pseudonymizer=Pseudonymizer(b"k" * 32, "unit"),
+        limits=IngestionLimits(),
+        admission=admission,
+    )
+    await ingestion.ensure_ready()
+    alice = Principal("alice")
+    data = SLIDE.read_bytes()
+
+    def header_for(i: int) -> UploadHeader:
+        body = data + bytes([i])  # distinct checksums: distinct uploads
+        return UploadHeader(
+            dataset_id="ds-1",
+            filename="x.svs",
+            size_bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            metadata={"stain": "H&E"},
+        )
+
+    # one upload begun before de-identification fell behind
+    started = await ingestion.begin(alice, header_for(0))
+    for i in range(3):  # three received slides nobody has de-identified yet
+        await publisher.publish(TOPIC_SLIDE_RECEIVED, b"x", key=b"s%d" % i)
+    clock.t += 5.0
+    with pytest.raises(ResourceExhausted) as err:
+        await ingestion.begin(alice, header_for(1))
+    assert err.value.reason == "PIPELINE_BACKLOG" and err.value.retry_after_s == 7.0
+    assert (
+        await docs.collection("uploads").get(
+            ingestion.upload_id_for("alice", "ds-1", header_for(1).sha256, header_for(1).size_bytes)
+        )
+        is None
+    )  # nothing half-registered
+    # resuming the upload already begun is not new work: it goes on
+    again = await ingestion.begin(alice, header_for(0))
+    assert again.upload_id == started.upload_id
+    # de-identification catches up (commits): new uploads are admitted again
+    sub = bus.subscription(DEID_GROUP, [TOPIC_SLIDE_RECEIVED])
+    await sub.start()
+    for m in await sub.fetch(timeout_s=0.2):
+        await sub.commit(m)
+    await sub.stop()
+    clock.t += 5.0
+    assert (await ingestion.begin(alice, header_for(1))).upload_id
+    await publisher.stop()

@@ -82,6 +82,38 @@ class KafkaBus(MessageBus):
             request_timeout_ms=self.request_timeout_ms,
         )
 
+    async def backlog(self, group: str, topics: Sequence[str]) -> int:
+        admin = self.admin_client()
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.client_id}-backlog",
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=self.request_timeout_ms,
+        )
+        try:
+            await admin.start()
+            await probe.start()
+            parts = [
+                TopicPartition(meta["topic"], p["partition"])
+                for meta in await admin.describe_topics(list(topics))
+                if meta.get("error_code") == 0
+                for p in meta.get("partitions") or []
+            ]
+            if not parts:
+                return 0
+            committed = await admin.list_consumer_group_offsets(group, partitions=parts)
+            ends = await probe.end_offsets(parts)
+            total = 0
+            for tp in parts:
+                meta = committed.get(tp)
+                done = meta.offset if meta is not None and meta.offset >= 0 else 0
+                total += max(0, ends.get(tp, 0) - done)
+            return total
+        finally:
+            await probe.stop()
+            await admin.close()
+
     async def ensure_topics(self, topics: Sequence[str], partitions: int = 1) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")

@@ -95,6 +95,13 @@ class InMemoryBus(MessageBus):
 
     # -- test helpers ------------------------------------------------------------------------
 
+    async def backlog(self, group: str, topics: Sequence[str]) -> int:
+        total = 0
+        for topic in topics:
+            for partition, messages in enumerate(self._topics.get(topic, ())):
+                total += max(0, len(messages) - self.committed(group, topic, partition))
+        return total
+
     def partitions(self, topic: str) -> int:
         """Number of partitions of `topic` (0 when it does not exist)."""
         return len(self._topics.get(topic, ()))

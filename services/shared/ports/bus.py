@@ -85,3 +85,9 @@ class MessageBus(abc.ABC):
 
     @abc.abstractmethod
     async def ensure_topics(self, topics: Sequence[str], partitions: int = 1) -> None: ...
+
+    @abc.abstractmethod
+    async def backlog(self, group: str, topics: Sequence[str]) -> int:
+        """Messages on `topics` that consumer group `group` has not committed yet (all of a
+        partition's messages if the group never committed there). Admission control uses it:
+        a producer stage refuses new work while the next stage is this far behind."""
