@@ -115,56 +115,6 @@ def is_numeric_pattern(p: bytes) -> bool:
     return bool(stripped) and all(b in _NUMERIC_CHARS for b in stripped)
 
 
-def find_value(data: bytes, p: bytes, numeric: bool) -> bool:
-    """True if ``p`` occurs in ``data``; numeric patterns must not touch other digits."""
-    i = data.find(p)
-    if not numeric:
-        return i != -1
-    step = 2 if b"\x00" in p else 1  # UTF-16: neighbours are one code unit away
-    while i != -1:
-        before = data[i - step] if i - step >= 0 else None
-        after = data[i + len(p) + (step - 1)] if i + len(p) + (step - 1) < len(data) else None
-        if (before is None or before not in _DIGITS) and (after is None or after not in _DIGITS):
-            return True
-        i = data.find(p, i + 1)
-    return False
-
-
-def stream_contains(
-    fh: BinaryIO,
-    patterns: Sequence[bytes],
-    buffer_size: int,
-    start: int = 0,
-    end: int | None = None,
-) -> int | None:
-    """Index into ``patterns`` of the first one found in fh[start:end], else None.
-
-    Reads with a fixed buffer and an overlap of (longest pattern) bytes so matches that
-    straddle chunk boundaries are found.
-    """
-    if not patterns:
-        return None
-    numeric = [is_numeric_pattern(p) for p in patterns]
-    if end is None:
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
-    overlap = max(len(p) for p in patterns) + 1
-    fh.seek(start)
-    pos = start
-    tail = b""
-    while pos < end:
-        chunk = fh.read(min(buffer_size, end - pos))
-        if not chunk:
-            break
-        pos += len(chunk)
-        window = tail + chunk
-        for i, p in enumerate(patterns):
-            if find_value(window, p, numeric[i]):
-                return i
-        tail = window[-overlap:]
-    return None
-
-
 # --- one-pass multi-pattern search -----------------------------------------------------------
 Buffer = bytes | bytearray | mmap.mmap
 HitHandler = Callable[[int, int], bool]  # (pattern index, offset of its first byte) -> stop?
