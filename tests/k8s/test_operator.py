@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -563,3 +564,71 @@ async def test_deleting_a_node_cleans_up(
         return bool(c and c["status"] == "False")
 
     wait_for("alpha Federated=False after its peer left", alone, 60)
+
+
+# -- degraded and recovering ---------------------------------------------------------------------
+
+
+def _gamma(site: Site, *, kafka: str, s3_secret: str) -> dict[str, Any]:
+    """A third node beside alpha, with its own topic prefix, buckets and database."""
+    body = node_manifest("gamma", site)
+    spec = body["spec"]
+    spec["kafka"]["bootstrapServers"] = kafka
+    spec["kafka"]["topicPrefix"] = site.prefix + "g."
+    spec["s3"]["buckets"] = {k: v.replace(f"-{k}", f"-g-{k}") for k, v in site.buckets.items()}
+    spec["s3"]["accessKey"]["name"] = s3_secret
+    spec["mongo"]["database"] = site.database + "_g"
+    return body
+
+
+def _degraded_reason(cluster: Cluster, ns: str) -> str | None:
+    c = cluster.condition(ns, "gamma", "Degraded")
+    return c["reason"] if c and c["status"] == "True" else None
+
+
+async def test_degraded_with_a_reason_then_recovered(
+    cluster: Cluster, sites: dict[str, Site], alpha: str
+) -> None:
+    site = sites["a"]
+    ns = site.namespace
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    _apply_node(cluster, _gamma(site, kafka=dead, s3_secret="no-such-secret"))
+    try:
+        reason = wait_for("gamma Degraded=True", lambda: _degraded_reason(cluster, ns), 90)
+        assert reason == "SecretMissing"
+        ready = cluster.condition(ns, "gamma", "Ready")
+        assert ready is not None and (ready["status"], ready["reason"]) == ("False", "Degraded")
+        # the objects are applied all the same; only the servers wait for the Secret
+        wait_for("gamma's objects", lambda: _all_present(cluster, ns, "gamma"), 60)
+
+        def patch(spec: dict[str, Any]) -> None:
+            cluster.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, ns, "tesseranodes", "gamma", {"spec": spec}
+            )
+
+        patch({"s3": {"accessKey": {"name": "s3", "key": "access"}}})
+        reason = wait_for(
+            "gamma Degraded=KafkaUnavailable",
+            lambda: (r := _degraded_reason(cluster, ns)) == "KafkaUnavailable" and r,
+            120,
+        )
+        assert "Kafka" in (cluster.condition(ns, "gamma", "Degraded") or {})["message"]
+        patch({"kafka": {"bootstrapServers": KAFKA}})
+
+        def recovered() -> bool:
+            c = cluster.condition(ns, "gamma", "Degraded")
+            return bool(c and c["status"] == "False" and c["observedGeneration"] == 3)
+
+        wait_for("gamma Degraded=False once Kafka is reachable", recovered, 120)
+        topics = await _topics(site.prefix + "g.")
+        assert len(topics) == len(ALL_TOPICS) + len(SERVICE_NAMES) + 1
+    finally:
+        _delete_node(cluster, ns, "gamma")
+        wait_for("gamma to be gone", lambda: cluster.node(ns, "gamma") is None, 90)
+    for _ in range(120):
+        if await _topics(site.prefix + "g.") == {}:
+            break
+        await asyncio.sleep(0.5)
+    assert await _topics(site.prefix + "g.") == {}
