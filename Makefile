@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TESSERA_HOME ?= $(CURDIR)/.tessera
 
-.PHONY: viewer browser bench-serving
+.PHONY: viewer browser bench-serving test-faults bench-load stack-install vips bench-tiling
+.PHONY: kube-up kube-down crds crds-check helm-check test-k8s
 .PHONY: help venv protos protos-check lint stack-up stack-down up down run status \
         test test-unit test-fuzz bench clean
 
@@ -42,18 +43,23 @@ lint: $(STAMP) ## ruff and mypy
 stack-up: ## obtain, build (cached) and start Kafka, the S3 server and FerretDB
 	deploy/local/stack.sh up
 
+stack-install: ## obtain and build the servers into the cache (no start)
+	deploy/local/stack.sh install
+
 stack-down: ## stop Kafka, the S3 server and FerretDB
 	deploy/local/stack.sh down
 
-up: $(STAMP) viewer stack-up ## everything: servers, then the six services, waits until healthy
+up: $(STAMP) viewer stack-up kube-up ## everything: servers, then the six services, waits until healthy
 	$(PY) deploy/local/devstack.py up
 
 down: ## stop exactly what `make up` started
 	-@test -x $(PY) && $(PY) deploy/local/devstack.py down
+	deploy/local/kube.sh down
 	deploy/local/stack.sh down
 
 status: ## health of the servers and services
 	-deploy/local/stack.sh status
+	-deploy/local/kube.sh status
 	$(PY) deploy/local/devstack.py status
 
 run: up ## the main job: sample slides through every service, outcome printed
@@ -69,6 +75,25 @@ test-fuzz: $(STAMP) ## long fuzzing run of the upload path and the de-identifica
 test: up browser ## everything set up, then all tests (unit, contract on fakes and real servers, e2e)
 	$(PY) -m pytest -q -p no:cacheprovider tests -rs
 
+kube-up: ## build (cached) and start etcd + kube-apiserver on 127.0.0.1 for the operator's tests
+	deploy/local/kube.sh up
+
+kube-down: ## stop etcd + kube-apiserver
+	deploy/local/kube.sh down
+
+crds: $(STAMP) ## regenerate the CRDs (charts/tessera/crds, deploy/k8s/crds) from services/operator/schema.py
+	$(PY) -m services.operator.crds
+
+crds-check: $(STAMP) ## fail if the committed CRDs (or the chart's dashboard copy) are stale
+	$(PY) -m services.operator.crds --check
+
+helm-check: ## helm lint + helm template of charts/tessera (helm built from its Go module, cached)
+	deploy/local/kube.sh helm lint --strict charts/tessera
+	deploy/local/kube.sh helm template tessera charts/tessera --set node.enabled=true >/dev/null
+
+test-k8s: $(STAMP) stack-up kube-up ## the operator and the chart against the real kube-apiserver + local stack
+	$(PY) -m pytest -q -p no:cacheprovider tests/k8s -rs
+
 viewer: $(STAMP) ## vendor the pinned OpenSeadragon from the npm registry into the viewer (cached)
 	$(PY) services/tiling/viewer/vendor.py
 
@@ -79,8 +104,22 @@ browser: ## Debian's chromium for the viewer's browser test (installed once, as 
 bench-serving: $(STAMP) ## tile serving (HTTP cold/cached, gRPC) vs raw S3 reads on the running stack
 	$(PY) scripts/bench_serving.py
 
-bench: $(STAMP) ## de-identification vs a plain copy on a generated ~1.4 GB SVS (cached in .tessera/cache/bench)
+test-faults: $(STAMP) stack-install ## fault campaign, long form: 50 slides, SIGKILLs, Kafka restart, S3/FerretDB down 30 s (own stack)
+	$(PY) -m tests.faults.harness --slides 50 --outage 30
+
+bench-load: $(STAMP) stack-install ## 10 min of sustained uploads into a second stack: throughput, lag, latency, memory
+	$(PY) scripts/bench_load.py --minutes 10
+
+vips: ## Debian's libvips-tools (`vips dzsave`, the tiling benchmark's reference; once, as root)
+	@command -v vips >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvips-tools >/dev/null; }
+
+bench-tiling: $(STAMP) vips ## Deep Zoom pyramid of a generated 1.07-gigapixel SVS: Tessera vs vips dzsave
+	$(PY) scripts/bench_tiling.py
+
+bench: $(STAMP) vips ## de-identification vs a plain copy (~1.4 GB SVS), then tiling vs vips dzsave (slides cached in .tessera/cache/bench)
 	$(PY) scripts/bench_deid.py
+	$(PY) scripts/bench_tiling.py
 
 clean: down ## stop everything and delete the local stack's data (keeps the download cache)
 	rm -rf $(TESSERA_HOME)/stack
