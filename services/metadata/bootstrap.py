@@ -6,10 +6,12 @@ from grpc import aio
 from pydantic import BaseModel, SecretStr
 
 from services.metadata.core import Catalogue
+from services.metadata.federation import Federation, FederationConfig
 from services.metadata.handlers import handlers
 from services.metadata.servicer import MetadataServicer
 from services.shared.access import AccessChecker
-from services.shared.grpc.server import ServiceHost
+from services.shared.events import EventRunner
+from services.shared.grpc.server import Background, ServiceHost
 from services.shared.ports.bus import MessageBus
 from services.shared.ports.documents import DocumentStore
 from services.shared.pseudonym import Pseudonymizer
@@ -25,10 +27,25 @@ class MetadataOptions(BaseModel):
     pseudonym_key: SecretStr | None = None
 
 
+class FederationOptions(BaseModel):
+    """Exchange of de-identified catalogue records with peer nodes; the operator writes these
+    into the `<node>-federation` ConfigMap (`TESSERA_FEDERATION__ENABLED`,
+    `TESSERA_FEDERATION__PUBLISH_TOPIC`, `TESSERA_FEDERATION__SUBSCRIBE_TOPICS` as a comma
+    list); the site is `TESSERA_SITE`. Off unless enabled."""
+
+    enabled: bool = False
+    publish_topic: str = ""
+    subscribe_topics: str = ""
+
+    def topics(self) -> list[str]:
+        return [t.strip() for t in self.subscribe_topics.split(",") if t.strip()]
+
+
 class MetadataSettings(ServiceSettings):
     kafka: KafkaSettings
     mongo: MongoSettings
     metadata: MetadataOptions = MetadataOptions()
+    federation: FederationOptions = FederationOptions()
 
 
 def bootstrap(
@@ -47,6 +64,27 @@ def bootstrap(
         bus=bus,
         access=access,
     )
+    fed = settings.federation
+    federation = (
+        Federation(
+            FederationConfig(settings.site, fed.publish_topic.strip(), fed.topics()),
+            records=a.docs.collection("federated_slides"),
+            outbox=a.outbox("metadata_outbox") if fed.publish_topic.strip() else None,
+        )
+        if fed.enabled
+        else None
+    )
+    background: list[Background] = []
+    if federation is not None and (peer_handlers := federation.handlers()):
+        # its own consumer group: a peer's topic never holds up the local projection
+        runner = EventRunner(
+            service=NAME,
+            bus=a.bus,
+            group=f"tessera-{NAME}-federation",
+            handlers=peer_handlers,
+            publisher=a.publisher,
+        )
+        background.append(Background("federation-consumer", runner.run, runner.stop))
     catalogue = Catalogue(
         slides=a.docs.collection("catalogue_slides"),
         datasets=a.docs.collection("catalogue_datasets"),
@@ -54,6 +92,8 @@ def bootstrap(
         pseudonymizer=Pseudonymizer(key.get_secret_value().encode(), settings.site)
         if (key := settings.metadata.pseudonym_key) is not None
         else None,
+        site=settings.site,
+        federation=federation,
     )
     a.consume(handlers(catalogue))
 
@@ -63,5 +103,6 @@ def bootstrap(
     return a.host(
         service_names=[metadata_pb2.DESCRIPTOR.services_by_name["MetadataService"].full_name],
         register=[register],
+        background=background,
         on_start=[catalogue.ensure_indexes],
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from services.metadata.federation import Federation
 from services.shared.access import AccessChecker, Action
 from services.shared.auth import Principal
 from services.shared.counts import to_entries
@@ -86,6 +87,7 @@ class SearchQuery:
     case_id: str = ""
     page_size: int = DEFAULT_PAGE
     page_token: str = ""
+    include_federated: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,11 @@ class Catalogue:
         datasets: Collection,
         access: AccessChecker,
         pseudonymizer: Pseudonymizer | None = None,
+        site: str = "local",
+        federation: Federation | None = None,
     ):
+        self.site = site
+        self._federation = federation
         self._slides = slides
         self._datasets = datasets
         self._access = access
@@ -122,6 +128,8 @@ class Catalogue:
         ):
             await self._slides.ensure_index([(field, 1)])
         await self._slides.ensure_index([("created_at", 1)])
+        if self._federation is not None:
+            await self._federation.ensure_indexes()
 
     # -- projection -----------------------------------------------------------------------
 
@@ -239,6 +247,13 @@ class Catalogue:
         await self._slides.update(
             {"_id": slide_id, "updated_at": {"$lte": at}}, set_fields={"updated_at": at}
         )
+        # A READY slide's de-identified record goes to the federation peers. Repeated for a
+        # redelivered or later event of a READY slide, which the fixed event id makes harmless
+        # (and which repairs a crash before the first publication).
+        if shown == "READY" and self._federation is not None and self._federation.publishes:
+            doc = await self._slides.get(slide_id)
+            if doc is not None:
+                await self._federation.publish_ready(doc)
 
     # -- queries --------------------------------------------------------------------------
 
@@ -250,7 +265,7 @@ class Catalogue:
         await self._access.require(
             caller.subject, Action.ACTION_READ_RECORD, doc["dataset_id"], f"slide/{slide_id}"
         )
-        return doc
+        return {**doc, "site": self.site}
 
     async def search(self, caller: Principal, q: SearchQuery) -> SearchResult:
         page_size = q.page_size or DEFAULT_PAGE
@@ -258,9 +273,26 @@ class Catalogue:
             raise InvalidArgument(f"page_size must be within 1..{MAX_PAGE}", "BAD_PAGE_SIZE")
         offset = _decode_token(q.page_token)
         permitted = await self._access.permitted_datasets(caller.subject, Action.ACTION_READ_RECORD)
+        # Peers' records: to admins and to callers the node already admits to its catalogue
+        # (a read grant on some local dataset). Peers' datasets are not in the local access
+        # service, so no finer rule is possible here; the records identify no one.
+        federated = (
+            q.include_federated
+            and self._federation is not None
+            and (caller.is_admin or bool(permitted))
+        )
         flt: dict[str, Any] = {}
         if q.dataset_id:
-            if q.dataset_id not in permitted:
+            if q.dataset_id not in permitted and federated:
+                # maybe a peer's dataset: no local slides, no error (the denial is audited)
+                await self._access.check(
+                    caller.subject,
+                    Action.ACTION_READ_RECORD,
+                    q.dataset_id,
+                    f"dataset/{q.dataset_id}/search",
+                )
+                flt["dataset_id"] = {"$in": []}
+            elif q.dataset_id not in permitted:
                 # Audited, but the answer is the same whether or not the dataset exists.
                 await self._access.check(
                     caller.subject,
@@ -269,7 +301,8 @@ class Catalogue:
                     f"dataset/{q.dataset_id}/search",
                 )
                 raise PermissionDenied("no grant on this dataset", "NO_GRANT")
-            flt["dataset_id"] = q.dataset_id
+            else:
+                flt["dataset_id"] = q.dataset_id
         else:
             flt["dataset_id"] = {"$in": permitted}
         case_id = q.case_id.strip()
@@ -288,9 +321,30 @@ class Catalogue:
         if q.format:
             flt["format"] = q.format
         total = await self._slides.count(flt)
-        docs = await self._slides.find(
-            flt, sort=[("created_at", 1), ("_id", 1)], skip=offset, limit=page_size
-        )
+        docs = [
+            {**d, "site": self.site}
+            for d in await self._slides.find(
+                flt, sort=[("created_at", 1), ("_id", 1)], skip=offset, limit=page_size
+            )
+        ]
+        if federated and self._federation is not None:
+            # One result list: this node's matches first, then the peers'; one offset spans
+            # both. Federated records have no case id, so a case-id search matches none.
+            fed_flt = {k: v for k, v in flt.items() if k != "clinical.case_id"}
+            if q.dataset_id:
+                fed_flt["dataset_id"] = q.dataset_id
+            else:
+                fed_flt.pop("dataset_id", None)
+            fed_total = 0 if case_id else await self._federation.count(fed_flt)
+            room = page_size - len(docs)
+            if room > 0 and fed_total:
+                docs += [
+                    {**d, "federated": True}
+                    for d in await self._federation.find(
+                        fed_flt, skip=max(0, offset - total), limit=room
+                    )
+                ]
+            total += fed_total
         nxt = offset + len(docs)
         token = _encode_token(nxt) if nxt < total else ""
         return SearchResult(docs, token, total)

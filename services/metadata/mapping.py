@@ -41,6 +41,7 @@ def slide_to_proto(doc: dict[str, Any]) -> metadata_pb2.Slide:
         rejection_detail=doc.get("rejection_detail", ""),
         created_at=_ts(doc.get("created_at")),
         updated_at=_ts(doc.get("updated_at")),
+        site=str(doc.get("site", "")),
     )
     for entry in sorted(doc.get("timeline", []), key=lambda e: (e["at"], e["status"])):
         s.timeline.append(
@@ -63,3 +64,27 @@ def slide_to_proto(doc: dict[str, Any]) -> metadata_pb2.Slide:
     for result in doc.get("inference", []):
         ParseDict(result, s.inference.add(), ignore_unknown_fields=True)
     return s
+
+
+def federated_to_proto(doc: dict[str, Any]) -> metadata_pb2.Slide:
+    """A peer's de-identified record (see `federation.py`) as a catalogue slide."""
+    s = metadata_pb2.Slide(
+        slide_id=doc["slide_id"],
+        dataset_id=doc.get("dataset_id", ""),
+        site=doc.get("site", ""),
+        format=doc.get("format", 0),
+        status=STATUS.get(doc.get("status", ""), common_pb2.SLIDE_STATUS_UNSPECIFIED),
+        created_at=_ts(doc.get("created_at")),
+        updated_at=_ts(doc.get("updated_at")),
+    )
+    for field, msg in (("geometry", s.geometry), ("clinical", s.clinical)):
+        if doc.get(field):
+            ParseDict(doc[field], msg, ignore_unknown_fields=True)
+    s.pyramid.level_count = int(doc.get("pyramid_level_count", 0))
+    if "tissue_fraction" in doc:
+        s.inference.add(tissue_fraction=float(doc["tissue_fraction"]))
+    return s
+
+
+def to_proto(doc: dict[str, Any]) -> metadata_pb2.Slide:
+    return federated_to_proto(doc) if doc.get("federated") else slide_to_proto(doc)

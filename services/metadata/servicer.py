@@ -5,7 +5,7 @@ from __future__ import annotations
 from grpc import aio
 
 from services.metadata.core import Catalogue, SearchQuery
-from services.metadata.mapping import STATUS_NAME, slide_to_proto
+from services.metadata.mapping import STATUS_NAME, slide_to_proto, to_proto
 from services.shared.auth import current_principal
 from tessera.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 
@@ -33,10 +33,11 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
             case_id=request.case_id,
             page_size=request.page_size,
             page_token=request.page_token,
+            include_federated=request.include_federated,
         )
         result = await self._cat.search(current_principal(), q)
         return metadata_pb2.SearchSlidesResponse(
-            slides=[slide_to_proto(d) for d in result.slides],
+            slides=[to_proto(d) for d in result.slides],
             next_page_token=result.next_page_token,
             total_count=result.total_count,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,6 +54,27 @@ TOPIC_PAYLOAD: Mapping[str, str] = {
 }
 ALL_TOPICS = tuple(TOPIC_PAYLOAD)
 
+# De-identified catalogue records a node publishes for its federation peers: one topic per
+# site (`<prefix>tessera.federation.catalogue.<site>.v1`, named by the operator), so the set
+# of topics is not fixed; they all carry `federated_slide`.
+FEDERATION_PAYLOAD = "federated_slide"
+_FEDERATION_TOPIC = re.compile(
+    r"^[A-Za-z0-9._-]{0,100}?tessera\.federation\.catalogue\.([a-z0-9][a-z0-9-]{0,30})\.v1$"
+)
+
+
+def federation_topic_site(topic: str) -> str | None:
+    """The site a federation topic belongs to, or None for any other topic."""
+    m = _FEDERATION_TOPIC.match(topic)
+    return m.group(1) if m else None
+
+
+def payload_of(topic: str) -> str | None:
+    """The envelope payload field `topic` carries (None for an unknown topic)."""
+    if topic in TOPIC_PAYLOAD:
+        return TOPIC_PAYLOAD[topic]
+    return FEDERATION_PAYLOAD if federation_topic_site(topic) else None
+
 
 def dead_letter_topic(service: str) -> str:
     return f"tessera.dlq.{service}.v1"
@@ -89,7 +111,7 @@ def new_envelope(
 
 def check_topic(topic: str, envelope: events_pb2.EventEnvelope) -> None:
     """Raise ValueError unless the envelope's payload is the one `topic` carries."""
-    expected = TOPIC_PAYLOAD.get(topic)
+    expected = payload_of(topic)
     if expected is None or envelope.WhichOneof("payload") != expected:
         raise ValueError(f"envelope payload does not belong on {topic}")
 
@@ -369,7 +391,7 @@ class EventRunner:
             envelope.ParseFromString(msg.value)
         except DecodeError:
             raise PermanentEventError("value is not an EventEnvelope", "MALFORMED_EVENT") from None
-        expected = TOPIC_PAYLOAD.get(msg.topic)
+        expected = payload_of(msg.topic)
         if envelope.WhichOneof("payload") != expected:
             raise PermanentEventError(f"payload is not {expected}", "UNEXPECTED_EVENT_TYPE")
         if not envelope.event_id:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/events/v1/events.proto\x12\x11tessera.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\xb9\x07\n\rEventEnvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08slide_id\x18\x04 \x01(\t\x12\x16\n\x0eschema_version\x18\x05 \x01(\r\x12I\n\rtrace_context\x18\x06 \x03(\x0b\x32\x32.tessera.events.v1.EventEnvelope.TraceContextEntry\x12\x10\n\x08producer\x18\x07 \x01(\t\x12\x12\n\ndataset_id\x18\x08 \x01(\t\x12:\n\x0eslide_received\x18\x14 \x01(\x0b\x32 .tessera.events.v1.SlideReceivedH\x00\x12\x42\n\x12slide_deidentified\x18\x15 \x01(\x0b\x32$.tessera.events.v1.SlideDeidentifiedH\x00\x12:\n\x0eslide_rejected\x18\x16 \x01(\x0b\x32 .tessera.events.v1.SlideRejectedH\x00\x12\x34\n\x0bslide_tiled\x18\x17 \x01(\x0b\x32\x1d.tessera.events.v1.SlideTiledH\x00\x12\x44\n\x13inference_completed\x18\x18 \x01(\x0b\x32%.tessera.events.v1.InferenceCompletedH\x00\x12<\n\x0f\x64\x61taset_created\x18\x19 \x01(\x0b\x32!.tessera.events.v1.DatasetCreatedH\x00\x12:\n\x0e\x61\x63\x63\x65ss_decided\x18\x1a \x01(\x0b\x32 .tessera.events.v1.AccessDecidedH\x00\x12\x46\n\x15slide_held_for_review\x18\x1b \x01(\x0b\x32%.tessera.events.v1.SlideHeldForReviewH\x00\x12:\n\x0eslide_reviewed\x18\x1c \x01(\x0b\x32 .tessera.events.v1.SlideReviewedH\x00\x12@\n\x11quarantine_erased\x18\x1d \x01(\x0b\x32#.tessera.events.v1.QuarantineErasedH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\xde\x01\n\rSlideReceived\x12.\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x19\n\x11quarantine_bucket\x18\x02 \x01(\t\x12\x16\n\x0equarantine_key\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x35\n\x08metadata\x18\x06 \x01(\x0b\x32#.tessera.common.v1.ClinicalMetadata\x12\x11\n\textension\x18\x07 \x01(\tJ\x04\x08\x05\x10\x06R\x06sha256\"\xe9\x01\n\x11SlideDeidentified\x12.\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x32\n\x08geometry\x18\x06 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\x12/\n\x07summary\x18\x07 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\">\n\rSlideRejected\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"m\n\nSlideTiled\x12+\n\x07pyramid\x18\x01 \x01(\x0b\x32\x1a.tessera.common.v1.Pyramid\x12\x32\n\x08geometry\x18\x02 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\"H\n\x12InferenceCompleted\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".tessera.common.v1.InferenceResult\"3\n\x0e\x44\x61tasetCreated\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x89\x01\n\rAccessDecided\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"`\n\x12SlideHeldForReview\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\r\n\x05round\x18\x05 \x01(\r\"\xaa\x01\n\rSlideReviewed\x12\x33\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32!.tessera.events.v1.ReviewDecision\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x14\n\x0cremoved_keys\x18\x03 \x03(\t\x12\x11\n\tkept_keys\x18\x04 \x03(\t\x12\x1a\n\x12\x61\x63\x63\x65ss_decision_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\r\"Q\n\x10QuarantineErased\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12-\n\terased_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*m\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x1c\n\x18REVIEW_DECISION_APPROVED\x10\x01\x12\x1c\n\x18REVIEW_DECISION_REJECTED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/events/v1/events.proto\x12\x11tessera.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\xf7\x07\n\rEventEnvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08slide_id\x18\x04 \x01(\t\x12\x16\n\x0eschema_version\x18\x05 \x01(\r\x12I\n\rtrace_context\x18\x06 \x03(\x0b\x32\x32.tessera.events.v1.EventEnvelope.TraceContextEntry\x12\x10\n\x08producer\x18\x07 \x01(\t\x12\x12\n\ndataset_id\x18\x08 \x01(\t\x12:\n\x0eslide_received\x18\x14 \x01(\x0b\x32 .tessera.events.v1.SlideReceivedH\x00\x12\x42\n\x12slide_deidentified\x18\x15 \x01(\x0b\x32$.tessera.events.v1.SlideDeidentifiedH\x00\x12:\n\x0eslide_rejected\x18\x16 \x01(\x0b\x32 .tessera.events.v1.SlideRejectedH\x00\x12\x34\n\x0bslide_tiled\x18\x17 \x01(\x0b\x32\x1d.tessera.events.v1.SlideTiledH\x00\x12\x44\n\x13inference_completed\x18\x18 \x01(\x0b\x32%.tessera.events.v1.InferenceCompletedH\x00\x12<\n\x0f\x64\x61taset_created\x18\x19 \x01(\x0b\x32!.tessera.events.v1.DatasetCreatedH\x00\x12:\n\x0e\x61\x63\x63\x65ss_decided\x18\x1a \x01(\x0b\x32 .tessera.events.v1.AccessDecidedH\x00\x12\x46\n\x15slide_held_for_review\x18\x1b \x01(\x0b\x32%.tessera.events.v1.SlideHeldForReviewH\x00\x12:\n\x0eslide_reviewed\x18\x1c \x01(\x0b\x32 .tessera.events.v1.SlideReviewedH\x00\x12@\n\x11quarantine_erased\x18\x1d \x01(\x0b\x32#.tessera.events.v1.QuarantineErasedH\x00\x12<\n\x0f\x66\x65\x64\x65rated_slide\x18\x1e \x01(\x0b\x32!.tessera.events.v1.FederatedSlideH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\xde\x01\n\rSlideReceived\x12.\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x19\n\x11quarantine_bucket\x18\x02 \x01(\t\x12\x16\n\x0equarantine_key\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x35\n\x08metadata\x18\x06 \x01(\x0b\x32#.tessera.common.v1.ClinicalMetadata\x12\x11\n\textension\x18\x07 \x01(\tJ\x04\x08\x05\x10\x06R\x06sha256\"\xe9\x01\n\x11SlideDeidentified\x12.\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x32\n\x08geometry\x18\x06 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\x12/\n\x07summary\x18\x07 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\">\n\rSlideRejected\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"m\n\nSlideTiled\x12+\n\x07pyramid\x18\x01 \x01(\x0b\x32\x1a.tessera.common.v1.Pyramid\x12\x32\n\x08geometry\x18\x02 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\"H\n\x12InferenceCompleted\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".tessera.common.v1.InferenceResult\"3\n\x0e\x44\x61tasetCreated\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x89\x01\n\rAccessDecided\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"`\n\x12SlideHeldForReview\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\r\n\x05round\x18\x05 \x01(\r\"\xaa\x01\n\rSlideReviewed\x12\x33\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32!.tessera.events.v1.ReviewDecision\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x14\n\x0cremoved_keys\x18\x03 \x03(\t\x12\x11\n\tkept_keys\x18\x04 \x03(\t\x12\x1a\n\x12\x61\x63\x63\x65ss_decision_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\r\"Q\n\x10QuarantineErased\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12-\n\terased_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb4\x03\n\x0e\x46\x65\x64\x65ratedSlide\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x10\n\x08slide_id\x18\x02 \x01(\t\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12.\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12.\n\x06status\x18\x05 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12\r\n\x05stain\x18\x06 \x01(\t\x12\r\n\x05organ\x18\x07 \x01(\t\x12\x0f\n\x07species\x18\x08 \x01(\t\x12\x32\n\x08geometry\x18\t \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\x12\x1b\n\x13pyramid_level_count\x18\n \x01(\r\x12\x1c\n\x0ftissue_fraction\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08ready_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x12\n\x10_tissue_fraction*m\n\x0eReviewDecision\x12\x1f\n\x1bREVIEW_DECISION_UNSPECIFIED\x10\x00\x12\x1c\n\x18REVIEW_DECISION_APPROVED\x10\x01\x12\x1c\n\x18REVIEW_DECISION_REJECTED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_REVIEWDECISION']._serialized_start=2331
-  _globals['_REVIEWDECISION']._serialized_end=2440
+  _globals['_REVIEWDECISION']._serialized_start=2832
+  _globals['_REVIEWDECISION']._serialized_end=2941
   _globals['_EVENTENVELOPE']._serialized_start=119
-  _globals['_EVENTENVELOPE']._serialized_end=1072
-  _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._serialized_start=1010
-  _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._serialized_end=1061
-  _globals['_SLIDERECEIVED']._serialized_start=1075
-  _globals['_SLIDERECEIVED']._serialized_end=1297
-  _globals['_SLIDEDEIDENTIFIED']._serialized_start=1300
-  _globals['_SLIDEDEIDENTIFIED']._serialized_end=1533
-  _globals['_SLIDEREJECTED']._serialized_start=1535
-  _globals['_SLIDEREJECTED']._serialized_end=1597
-  _globals['_SLIDETILED']._serialized_start=1599
-  _globals['_SLIDETILED']._serialized_end=1708
-  _globals['_INFERENCECOMPLETED']._serialized_start=1710
-  _globals['_INFERENCECOMPLETED']._serialized_end=1782
-  _globals['_DATASETCREATED']._serialized_start=1784
-  _globals['_DATASETCREATED']._serialized_end=1835
-  _globals['_ACCESSDECIDED']._serialized_start=1838
-  _globals['_ACCESSDECIDED']._serialized_end=1975
-  _globals['_SLIDEHELDFORREVIEW']._serialized_start=1977
-  _globals['_SLIDEHELDFORREVIEW']._serialized_end=2073
-  _globals['_SLIDEREVIEWED']._serialized_start=2076
-  _globals['_SLIDEREVIEWED']._serialized_end=2246
-  _globals['_QUARANTINEERASED']._serialized_start=2248
-  _globals['_QUARANTINEERASED']._serialized_end=2329
+  _globals['_EVENTENVELOPE']._serialized_end=1134
+  _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._serialized_start=1072
+  _globals['_EVENTENVELOPE_TRACECONTEXTENTRY']._serialized_end=1123
+  _globals['_SLIDERECEIVED']._serialized_start=1137
+  _globals['_SLIDERECEIVED']._serialized_end=1359
+  _globals['_SLIDEDEIDENTIFIED']._serialized_start=1362
+  _globals['_SLIDEDEIDENTIFIED']._serialized_end=1595
+  _globals['_SLIDEREJECTED']._serialized_start=1597
+  _globals['_SLIDEREJECTED']._serialized_end=1659
+  _globals['_SLIDETILED']._serialized_start=1661
+  _globals['_SLIDETILED']._serialized_end=1770
+  _globals['_INFERENCECOMPLETED']._serialized_start=1772
+  _globals['_INFERENCECOMPLETED']._serialized_end=1844
+  _globals['_DATASETCREATED']._serialized_start=1846
+  _globals['_DATASETCREATED']._serialized_end=1897
+  _globals['_ACCESSDECIDED']._serialized_start=1900
+  _globals['_ACCESSDECIDED']._serialized_end=2037
+  _globals['_SLIDEHELDFORREVIEW']._serialized_start=2039
+  _globals['_SLIDEHELDFORREVIEW']._serialized_end=2135
+  _globals['_SLIDEREVIEWED']._serialized_start=2138
+  _globals['_SLIDEREVIEWED']._serialized_end=2308
+  _globals['_QUARANTINEERASED']._serialized_start=2310
+  _globals['_QUARANTINEERASED']._serialized_end=2391
+  _globals['_FEDERATEDSLIDE']._serialized_start=2394
+  _globals['_FEDERATEDSLIDE']._serialized_end=2830
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,7 @@ class EventEnvelope(_message.Message):
     SLIDE_HELD_FOR_REVIEW_FIELD_NUMBER: _builtins.int
     SLIDE_REVIEWED_FIELD_NUMBER: _builtins.int
     QUARANTINE_ERASED_FIELD_NUMBER: _builtins.int
+    FEDERATED_SLIDE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Deterministic for a (slide, stage) pair, so a redelivered or re-emitted event is
     recognised by consumers and applied once.
@@ -121,6 +122,8 @@ class EventEnvelope(_message.Message):
     def slide_reviewed(self) -> Global___SlideReviewed: ...
     @_builtins.property
     def quarantine_erased(self) -> Global___QuarantineErased: ...
+    @_builtins.property
+    def federated_slide(self) -> Global___FederatedSlide: ...
     def __init__(
         self,
         *,
@@ -142,12 +145,13 @@ class EventEnvelope(_message.Message):
         slide_held_for_review: Global___SlideHeldForReview | None = ...,
         slide_reviewed: Global___SlideReviewed | None = ...,
         quarantine_erased: Global___QuarantineErased | None = ...,
+        federated_slide: Global___FederatedSlide | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "quarantine_erased", b"quarantine_erased", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "federated_slide", b"federated_slide", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "quarantine_erased", b"quarantine_erased", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "dataset_id", b"dataset_id", "event_id", b"event_id", "event_type", b"event_type", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "quarantine_erased", b"quarantine_erased", "schema_version", b"schema_version", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_id", b"slide_id", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_decided", b"access_decided", "dataset_created", b"dataset_created", "dataset_id", b"dataset_id", "event_id", b"event_id", "event_type", b"event_type", "federated_slide", b"federated_slide", "inference_completed", b"inference_completed", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "quarantine_erased", b"quarantine_erased", "schema_version", b"schema_version", "slide_deidentified", b"slide_deidentified", "slide_held_for_review", b"slide_held_for_review", "slide_id", b"slide_id", "slide_received", b"slide_received", "slide_rejected", b"slide_rejected", "slide_reviewed", b"slide_reviewed", "slide_tiled", b"slide_tiled", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["slide_received", "slide_deidentified", "slide_rejected", "slide_tiled", "inference_completed", "dataset_created", "access_decided", "slide_held_for_review", "slide_reviewed", "quarantine_erased"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["slide_received", "slide_deidentified", "slide_rejected", "slide_tiled", "inference_completed", "dataset_created", "access_decided", "slide_held_for_review", "slide_reviewed", "quarantine_erased", "federated_slide"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -468,3 +472,71 @@ class QuarantineErased(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuarantineErased: _TypeAlias = QuarantineErased  # noqa: Y015
+
+@_typing.final
+class FederatedSlide(_message.Message):
+    """A READY slide's de-identified catalogue record, published for the federation peers of the
+    node (topic `<prefix>tessera.federation.catalogue.<site>.v1`). Only fields that identify no
+    one: no case, patient, specimen or block id (even pseudonymised: they are keyed per node),
+    no object keys or buckets, no file names, never pixels.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    SLIDE_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STAIN_FIELD_NUMBER: _builtins.int
+    ORGAN_FIELD_NUMBER: _builtins.int
+    SPECIES_FIELD_NUMBER: _builtins.int
+    GEOMETRY_FIELD_NUMBER: _builtins.int
+    PYRAMID_LEVEL_COUNT_FIELD_NUMBER: _builtins.int
+    TISSUE_FRACTION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    READY_AT_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    """The publishing node's site; must match the site in the topic name."""
+    slide_id: _builtins.str
+    dataset_id: _builtins.str
+    format: _common_pb2.SlideFormat.ValueType
+    status: _common_pb2.SlideStatus.ValueType
+    stain: _builtins.str
+    organ: _builtins.str
+    species: _builtins.str
+    pyramid_level_count: _builtins.int
+    tissue_fraction: _builtins.float
+    """Of the latest inference result; absent when there is none."""
+    @_builtins.property
+    def geometry(self) -> _common_pb2.SlideGeometry: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ready_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        slide_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        format: _common_pb2.SlideFormat.ValueType = ...,
+        status: _common_pb2.SlideStatus.ValueType = ...,
+        stain: _builtins.str = ...,
+        organ: _builtins.str = ...,
+        species: _builtins.str = ...,
+        geometry: _common_pb2.SlideGeometry | None = ...,
+        pyramid_level_count: _builtins.int = ...,
+        tissue_fraction: _builtins.float | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        ready_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tissue_fraction", b"_tissue_fraction", "created_at", b"created_at", "geometry", b"geometry", "ready_at", b"ready_at", "tissue_fraction", b"tissue_fraction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tissue_fraction", b"_tissue_fraction", "created_at", b"created_at", "dataset_id", b"dataset_id", "format", b"format", "geometry", b"geometry", "organ", b"organ", "pyramid_level_count", b"pyramid_level_count", "ready_at", b"ready_at", "site", b"site", "slide_id", b"slide_id", "species", b"species", "stain", b"stain", "status", b"status", "tissue_fraction", b"tissue_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tissue_fraction: _TypeAlias = _typing.Literal["tissue_fraction"]  # noqa: Y015
+    _WhichOneofArgType__tissue_fraction: _TypeAlias = _typing.Literal["_tissue_fraction", b"_tissue_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tissue_fraction) -> _WhichOneofReturnType__tissue_fraction | None: ...
+
+Global___FederatedSlide: _TypeAlias = FederatedSlide  # noqa: Y015

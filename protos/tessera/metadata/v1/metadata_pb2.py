@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tessera/metadata/v1/metadata.proto\x12\x13tessera.metadata.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\x85\x01\n\x0cStatusChange\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe7\x04\n\x05Slide\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12.\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12\x33\n\x08timeline\x18\x05 \x03(\x0b\x32!.tessera.metadata.v1.StatusChange\x12\x32\n\x08geometry\x18\x06 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\x12\x35\n\x08\x63linical\x18\x07 \x01(\x0b\x32#.tessera.common.v1.ClinicalMetadata\x12,\n\x04\x64\x65id\x18\x08 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\x12+\n\x07pyramid\x18\t \x01(\x0b\x32\x1a.tessera.common.v1.Pyramid\x12\x35\n\tinference\x18\n \x03(\x0b\x32\".tessera.common.v1.InferenceResult\x12\x12\n\nsize_bytes\x18\x0b \x01(\x04\x12\x18\n\x10rejection_reason\x18\x0c \x01(\t\x12\x18\n\x10rejection_detail\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x0fGetSlideRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\"=\n\x10GetSlideResponse\x12)\n\x05slide\x18\x01 \x01(\x0b\x32\x1a.tessera.metadata.v1.Slide\"\xf0\x01\n\x13SearchSlidesRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\r\n\x05stain\x18\x02 \x01(\t\x12\r\n\x05organ\x18\x03 \x01(\t\x12\x0f\n\x07species\x18\x04 \x01(\t\x12.\n\x06status\x18\x05 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12.\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x0f\n\x07\x63\x61se_id\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x12\n\npage_token\x18\x0b \x01(\t\"p\n\x14SearchSlidesResponse\x12*\n\x06slides\x18\x01 \x03(\x0b\x32\x1a.tessera.metadata.v1.Slide\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0btotal_count\x18\x03 \x01(\x04\x32\xcf\x01\n\x0fMetadataService\x12W\n\x08GetSlide\x12$.tessera.metadata.v1.GetSlideRequest\x1a%.tessera.metadata.v1.GetSlideResponse\x12\x63\n\x0cSearchSlides\x12(.tessera.metadata.v1.SearchSlidesRequest\x1a).tessera.metadata.v1.SearchSlidesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tessera/metadata/v1/metadata.proto\x12\x13tessera.metadata.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\x85\x01\n\x0cStatusChange\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xf5\x04\n\x05Slide\x12\x10\n\x08slide_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12.\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12\x33\n\x08timeline\x18\x05 \x03(\x0b\x32!.tessera.metadata.v1.StatusChange\x12\x32\n\x08geometry\x18\x06 \x01(\x0b\x32 .tessera.common.v1.SlideGeometry\x12\x35\n\x08\x63linical\x18\x07 \x01(\x0b\x32#.tessera.common.v1.ClinicalMetadata\x12,\n\x04\x64\x65id\x18\x08 \x01(\x0b\x32\x1e.tessera.common.v1.DeidSummary\x12+\n\x07pyramid\x18\t \x01(\x0b\x32\x1a.tessera.common.v1.Pyramid\x12\x35\n\tinference\x18\n \x03(\x0b\x32\".tessera.common.v1.InferenceResult\x12\x12\n\nsize_bytes\x18\x0b \x01(\x04\x12\x18\n\x10rejection_reason\x18\x0c \x01(\t\x12\x18\n\x10rejection_detail\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04site\x18\x10 \x01(\t\"#\n\x0fGetSlideRequest\x12\x10\n\x08slide_id\x18\x01 \x01(\t\"=\n\x10GetSlideResponse\x12)\n\x05slide\x18\x01 \x01(\x0b\x32\x1a.tessera.metadata.v1.Slide\"\x8b\x02\n\x13SearchSlidesRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\r\n\x05stain\x18\x02 \x01(\t\x12\r\n\x05organ\x18\x03 \x01(\t\x12\x0f\n\x07species\x18\x04 \x01(\t\x12.\n\x06status\x18\x05 \x01(\x0e\x32\x1e.tessera.common.v1.SlideStatus\x12.\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1e.tessera.common.v1.SlideFormat\x12\x0f\n\x07\x63\x61se_id\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x12\n\npage_token\x18\x0b \x01(\t\x12\x19\n\x11include_federated\x18\x0c \x01(\x08\"p\n\x14SearchSlidesResponse\x12*\n\x06slides\x18\x01 \x03(\x0b\x32\x1a.tessera.metadata.v1.Slide\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0btotal_count\x18\x03 \x01(\x04\x32\xcf\x01\n\x0fMetadataService\x12W\n\x08GetSlide\x12$.tessera.metadata.v1.GetSlideRequest\x1a%.tessera.metadata.v1.GetSlideResponse\x12\x63\n\x0cSearchSlides\x12(.tessera.metadata.v1.SearchSlidesRequest\x1a).tessera.metadata.v1.SearchSlidesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSCHANGE']._serialized_start=125
   _globals['_STATUSCHANGE']._serialized_end=258
   _globals['_SLIDE']._serialized_start=261
-  _globals['_SLIDE']._serialized_end=876
-  _globals['_GETSLIDEREQUEST']._serialized_start=878
-  _globals['_GETSLIDEREQUEST']._serialized_end=913
-  _globals['_GETSLIDERESPONSE']._serialized_start=915
-  _globals['_GETSLIDERESPONSE']._serialized_end=976
-  _globals['_SEARCHSLIDESREQUEST']._serialized_start=979
-  _globals['_SEARCHSLIDESREQUEST']._serialized_end=1219
-  _globals['_SEARCHSLIDESRESPONSE']._serialized_start=1221
-  _globals['_SEARCHSLIDESRESPONSE']._serialized_end=1333
-  _globals['_METADATASERVICE']._serialized_start=1336
-  _globals['_METADATASERVICE']._serialized_end=1543
+  _globals['_SLIDE']._serialized_end=890
+  _globals['_GETSLIDEREQUEST']._serialized_start=892
+  _globals['_GETSLIDEREQUEST']._serialized_end=927
+  _globals['_GETSLIDERESPONSE']._serialized_start=929
+  _globals['_GETSLIDERESPONSE']._serialized_end=990
+  _globals['_SEARCHSLIDESREQUEST']._serialized_start=993
+  _globals['_SEARCHSLIDESREQUEST']._serialized_end=1260
+  _globals['_SEARCHSLIDESRESPONSE']._serialized_start=1262
+  _globals['_SEARCHSLIDESRESPONSE']._serialized_end=1374
+  _globals['_METADATASERVICE']._serialized_start=1377
+  _globals['_METADATASERVICE']._serialized_end=1584
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,7 @@ class Slide(_message.Message):
     REJECTION_DETAIL_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     slide_id: _builtins.str
     dataset_id: _builtins.str
     format: _common_pb2.SlideFormat.ValueType
@@ -75,6 +76,8 @@ class Slide(_message.Message):
     size_bytes: _builtins.int
     rejection_reason: _builtins.str
     rejection_detail: _builtins.str
+    site: _builtins.str
+    """Site of the node that holds the slide: this node's, or a federation peer's."""
     @_builtins.property
     def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusChange]: ...
     @_builtins.property
@@ -109,10 +112,11 @@ class Slide(_message.Message):
         rejection_detail: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clinical", b"clinical", "created_at", b"created_at", "deid", b"deid", "geometry", b"geometry", "pyramid", b"pyramid", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinical", b"clinical", "created_at", b"created_at", "dataset_id", b"dataset_id", "deid", b"deid", "format", b"format", "geometry", b"geometry", "inference", b"inference", "pyramid", b"pyramid", "rejection_detail", b"rejection_detail", "rejection_reason", b"rejection_reason", "size_bytes", b"size_bytes", "slide_id", b"slide_id", "status", b"status", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinical", b"clinical", "created_at", b"created_at", "dataset_id", b"dataset_id", "deid", b"deid", "format", b"format", "geometry", b"geometry", "inference", b"inference", "pyramid", b"pyramid", "rejection_detail", b"rejection_detail", "rejection_reason", b"rejection_reason", "site", b"site", "size_bytes", b"size_bytes", "slide_id", b"slide_id", "status", b"status", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +174,7 @@ class SearchSlidesRequest(_message.Message):
     CASE_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_FEDERATED_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """All filters are optional and combine with AND."""
     stain: _builtins.str
@@ -181,6 +186,11 @@ class SearchSlidesRequest(_message.Message):
     page_size: _builtins.int
     """1..200, default 50."""
     page_token: _builtins.str
+    include_federated: _builtins.bool
+    """Also return the de-identified records federation peers published (READY slides only;
+    filters on dataset, stain, organ, species, status and format apply; a case id matches
+    none of them). Visible to admins and to callers with a read grant on a local dataset.
+    """
     def __init__(
         self,
         *,
@@ -193,10 +203,11 @@ class SearchSlidesRequest(_message.Message):
         case_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_federated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "dataset_id", b"dataset_id", "format", b"format", "organ", b"organ", "page_size", b"page_size", "page_token", b"page_token", "species", b"species", "stain", b"stain", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_id", b"case_id", "dataset_id", b"dataset_id", "format", b"format", "include_federated", b"include_federated", "organ", b"organ", "page_size", b"page_size", "page_token", b"page_token", "species", b"species", "stain", b"stain", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
