@@ -21,7 +21,7 @@ from services.operator import builders
 from services.operator.builders import PeerInfo
 from services.shared.access import Action, StaticAccessChecker
 from services.shared.adapters.memory import InMemoryBus, InMemoryDocumentStore
-from services.shared.auth import ROLE_ADMIN, Principal
+from services.shared.auth import ROLE_ADMIN, Principal, generate_keypair
 from services.shared.events import (
     EventEmitter,
     EventRunner,
@@ -361,7 +361,7 @@ async def test_a_node_does_not_consume_its_own_topic(b: Site) -> None:
 
 def _settings_env(tmp_path: Path) -> dict[str, str]:
     key = tmp_path / "pub.pem"
-    key.write_text("unused")
+    key.write_bytes(generate_keypair()[1])
     return {
         "TESSERA_GRPC__PORT": "1",
         "TESSERA_METRICS__PORT": "0",
@@ -394,3 +394,27 @@ def test_federation_is_off_when_unset(tmp_path: Path, monkeypatch: pytest.Monkey
     s = MetadataSettings()  # type: ignore[call-arg]
     assert not s.federation.enabled
     assert s.federation.topics() == []
+
+
+def test_bootstrap_wires_the_peer_consumer_and_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.metadata.bootstrap import bootstrap
+
+    env = {
+        **_settings_env(tmp_path),
+        "TESSERA_SITE": "site-a",
+        "TESSERA_FEDERATION__ENABLED": "true",
+        "TESSERA_FEDERATION__PUBLISH_TOPIC": TOPIC_A,
+        "TESSERA_FEDERATION__SUBSCRIBE_TOPICS": f" {TOPIC_B} ,",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    docs, bus, access = InMemoryDocumentStore(), InMemoryBus(), StaticAccessChecker({}, set())
+    host = bootstrap(MetadataSettings(), docs=docs, bus=bus, access=access)  # type: ignore[call-arg]
+    names = [b.name for b in host._background]
+    assert names.count("consumer") == 1
+    assert "outbox" in names and "federation-consumer" in names
+    monkeypatch.setenv("TESSERA_FEDERATION__ENABLED", "false")
+    off = bootstrap(MetadataSettings(), docs=docs, bus=bus, access=access)  # type: ignore[call-arg]
+    assert [b.name for b in off._background] == ["consumer"]
