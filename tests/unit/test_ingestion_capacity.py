@@ -23,6 +23,7 @@ from services.shared.events import ALL_TOPICS, TOPIC_SLIDE_RECEIVED, EventEmitte
 from services.shared.grpc.client import open_channel
 from services.shared.grpc.interceptors import REASON_KEY, RETRY_AFTER_KEY, ServerPipeline
 from services.shared.outbox import Outbox
+from services.shared.ports.bus import Publisher
 from services.shared.pseudonym import Pseudonymizer
 from tessera.common.v1 import common_pb2
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
@@ -31,10 +32,12 @@ SLIDE = Path(__file__).resolve().parents[2].parent / "shared" / "slides" / "aper
 PRIVATE, PUBLIC = generate_keypair()
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[str]:
+async def make_ingestion(
+    tmp_path: Path, admission: Admission | None = None, bus: InMemoryBus | None = None
+) -> tuple[Ingestion, InMemoryBus, Publisher, InMemoryDocumentStore]:
+    """Ingestion over in-memory fakes; alice may upload to ds-1."""
     docs = InMemoryDocumentStore()
-    bus = InMemoryBus()
+    bus = bus or InMemoryBus()
     await bus.ensure_topics(list(ALL_TOPICS))
     publisher = bus.publisher()
     await publisher.start()
@@ -47,8 +50,15 @@ async def server(tmp_path: Path) -> AsyncIterator[str]:
         outbox=Outbox(docs.collection("outbox"), EventEmitter("unit", publisher)),
         pseudonymizer=Pseudonymizer(b"k" * 32, "unit"),
         limits=IngestionLimits(),
+        admission=admission,
     )
     await ingestion.ensure_ready()
+    return ingestion, bus, publisher, docs
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[str]:
+    ingestion, _, publisher, _ = await make_ingestion(tmp_path)
     srv = aio.server(
         interceptors=[ServerPipeline("unit", TokenVerifier(PUBLIC, "tessera", "tessera"))]
     )
@@ -133,25 +143,10 @@ class Clock:
 async def test_new_uploads_are_refused_while_deid_is_behind_and_resumes_go_on(
     tmp_path: Path,
 ) -> None:
-    docs = InMemoryDocumentStore()
-    bus = InMemoryBus()
-    await bus.ensure_topics(list(ALL_TOPICS))
-    publisher = bus.publisher()
-    await publisher.start()
     clock = Clock()
+    bus = InMemoryBus()
     admission = Admission(bus, max_backlog=2, refresh_s=5.0, retry_after_s=7.0, clock=clock)
-    ingestion = Ingestion(
-        spool_dir=tmp_path / "spool",
-        uploads=docs.collection("uploads"),
-        objects=InMemoryObjectStore(),
-        quarantine_bucket="quarantine",
-        access=StaticAccessChecker({("alice", "ds-1"): {Action.ACTION_UPLOAD}}, {"ds-1"}),
-        outbox=Outbox(docs.collection("outbox"), EventEmitter("unit", publisher)),
-        pseudonymizer=Pseudonymizer(b"k" * 32, "unit"),
-        limits=IngestionLimits(),
-        admission=admission,
-    )
-    await ingestion.ensure_ready()
+    ingestion, bus, publisher, docs = await make_ingestion(tmp_path, admission, bus)
     alice = Principal("alice")
     data = SLIDE.read_bytes()
 
