@@ -12,7 +12,14 @@ import pydicom
 import pytest
 import tifffile
 
-from services.deid.engine import DeidPolicy, DeidRejected, deidentify, deidentify_and_verify
+from services.deid.engine import (
+    DeidNeedsReview,
+    DeidPolicy,
+    DeidRejected,
+    deidentify,
+    deidentify_and_verify,
+    verify,
+)
 from services.shared.pseudonym import Pseudonymizer
 from services.shared.wsi import tiff
 from services.shared.wsi.safexml import XmlRejected, parse_xml
@@ -262,15 +269,37 @@ def test_qptiff_real_sample(tmp_path: Path) -> None:
     assert [raw[o : o + c] for o, c in src_segs] == segments_bytes(dst)  # strips verbatim
 
 
-def test_qptiff_unknown_element_rejected(tmp_path: Path) -> None:
+def test_qptiff_unknown_element_is_held_then_ruled(tmp_path: Path) -> None:
     src = slide("perkinelmer-qptiff/small_vectra.qptiff")
     raw = src.read_bytes()
     # same length, so every offset stays valid: <Barcode /> becomes an unknown element
     crafted = tmp_path / "c.qptiff"
-    crafted.write_bytes(raw.replace(b"<Barcode />", b"<Patient />"))
+    crafted.write_bytes(raw.replace(b"<Barcode />", b"<Pt>Q7</Pt>"))
+    dst = tmp_path / "o.qptiff"
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(crafted, dst, SlideFormat.QPTIFF, P)
+    assert {i.key for i in e.value.items} == {"qptiff:Pt"}
+    assert e.value.reason == "UNKNOWN_QPTIFF_ELEMENT" and "Q7" not in str(e.value)
+    assert not dst.exists()
+    keep = DeidPolicy(approved_rules=(("qptiff:Pt", "keep"),))
+    deidentify_and_verify(crafted, dst, SlideFormat.QPTIFF, P, keep)
+    assert b"<Pt>Q7</Pt>" in dst.read_bytes()
+    # the verifier accepts the kept element only under the rule that keeps it
+    with pytest.raises(DeidRejected, match="Pt"):
+        verify(dst, SlideFormat.QPTIFF, [], DeidPolicy())
+    remove = DeidPolicy(approved_rules=(("qptiff:Pt", "remove"),))
+    report = deidentify_and_verify(crafted, dst, SlideFormat.QPTIFF, P, remove)
+    assert b"<Pt>" not in dst.read_bytes() and report.removed["qptiff.Pt"] >= 1
+
+
+def test_qptiff_unknown_element_with_structure_is_never_kept(tmp_path: Path) -> None:
+    src = slide("perkinelmer-qptiff/small_vectra.qptiff")
+    crafted = tmp_path / "c.qptiff"
+    crafted.write_bytes(src.read_bytes().replace(b"<Barcode />", b"<P><Q/></P>"))
+    keep = DeidPolicy(approved_rules=(("qptiff:P", "keep"),))
     with pytest.raises(DeidRejected) as e:
-        deidentify(crafted, tmp_path / "o.qptiff", SlideFormat.QPTIFF, P)
-    assert e.value.reason == "UNKNOWN_QPTIFF_ELEMENT" and "Patient" in e.value.detail
+        deidentify(crafted, tmp_path / "o.qptiff", SlideFormat.QPTIFF, P, keep)
+    assert e.value.reason == "UNKNOWN_QPTIFF_ELEMENT" and "has structure" in e.value.detail
 
 
 # --- Philips TIFF (synthetic) ------------------------------------------------------------------

@@ -122,8 +122,11 @@ def clean_page_xml(root: XmlNode, where: str, tally: Tally) -> str:
             tally.remove("qptiff.ScanProfile")
         elif name == "Responsivity":
             lines.extend(_responsivity(child, where, tally))
-        else:
-            raise DeidRejected(UNKNOWN_QPTIFF_ELEMENT, f"{where}: QPTIFF element {_safe(name)!r}")
+        elif tally.unknown("qptiff", name, UNKNOWN_QPTIFF_ELEMENT, f"{where}: QPTIFF element"):
+            # a data steward's rule keeps it: plain text only, never nested structure
+            lines.append(f"  <{name}>{escape_text(_kept_text(child, where))}</{name}>")
+        else:  # a steward's rule removes it, or it is held for review
+            tally.remove(f"qptiff.{name}", *(n.text.strip() for n in child.iter()))
     lines.append(f"</{ROOT}>")
     return "\n".join(lines)
 
@@ -208,7 +211,9 @@ def level_ifds(pages: list[TiffIfd]) -> list[TiffIfd]:
     return out
 
 
-def verify_page_xml(text: str) -> str | None:
+def verify_page_xml(text: str, kept: frozenset[str] = frozenset()) -> str | None:
+    """None when the page's XML holds only safe content; ``kept``: element names a data
+    steward's rule keeps."""
     try:
         root = parse_xml(text)
     except XmlRejected:
@@ -222,6 +227,6 @@ def verify_page_xml(text: str) -> str | None:
             for flt in child.children:
                 if flt.name != "Filter" or {i.name for i in flt.children} - FILTER_KEEP:
                     return "QPTIFF Responsivity holds more than filter names"
-        elif child.name not in KEEP or child.children:
+        elif (child.name not in KEEP and child.name not in kept) or child.children:
             return f"QPTIFF element {_safe(child.name)!r}"
     return None

@@ -385,7 +385,11 @@ def _check_ifd(
             raise _fail(f"{where}: {problem}")
     elif fmt is SlideFormat.QPTIFF:
         desc = ifd.get(tiff.IMAGE_DESCRIPTION)
-        problem = qptiff.verify_page_xml(desc.text()) if desc else "no QPTIFF description"
+        problem = (
+            qptiff.verify_page_xml(desc.text(), policy.kept("qptiff"))
+            if desc
+            else "no QPTIFF description"
+        )
         if problem:
             raise _fail(f"{where}: {problem}")
         sw = ifd.get(305)
