@@ -6,7 +6,9 @@ fault tests use, on its own ports and data folder), then a table of what it sust
 
 Printed: slides and bytes per minute accepted and tiled, refusals (RESOURCE_EXHAUSTED with the
 server's wait hint, honoured by the client), upload-to-tiled latency p50/p99, consumer lag per
-consumer group over time and each service's resident memory at the start and the end."""
+consumer group over time and each service's resident memory at the start and the end; then
+every log line, trace file, event and `/metrics` page of the run is searched for the inputs'
+identifying values (exit 1 if one is found)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from services.shared.auth import TokenIssuer  # noqa: E402
 from services.shared.events import TOPIC_SLIDE_TILED  # noqa: E402
 from tessera.common.v1 import common_pb2  # noqa: E402
 from tessera.events.v1 import events_pb2  # noqa: E402
+from tests.faults.leaks import find_leaks  # noqa: E402
 from tests.faults.world import HOME, FaultWorld  # noqa: E402
 from tests.fixtures import wsigen  # noqa: E402
 
@@ -51,17 +54,20 @@ def load_world() -> FaultWorld:
     )
 
 
-def slide_pool(count: int, bases: int = 6) -> list[Path]:
+def slide_pool(count: int, bases: int = 6) -> tuple[list[Path], set[bytes]]:
     """Distinct small SVS files (uploads are de-duplicated by checksum): a few generated slides,
     each copied with one planted identifying token replaced by another of the same length, so
-    every file is a valid, different slide that still has something to de-identify."""
+    every file is a valid, different slide that still has something to de-identify. Also
+    returns the identifying values of the pool (planted values, fresh tokens, file names)."""
     (POOL / "bases").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(4242)
     base_data: list[tuple[bytes, bytes]] = []
+    identifying: set[bytes] = set()
     for b in range(bases):
         fixture = wsigen.aperio_svs(POOL / "bases", np.random.default_rng(90_000 + b), name=f"b{b}")
         token = max(fixture.planted_values, key=len)
         base_data.append((fixture.path.read_bytes(), token))
+        identifying.update(v for v in fixture.planted_values if len(v) >= 6)
     paths = []
     alphabet = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", dtype=np.uint8)
     for i in range(count):
@@ -70,7 +76,8 @@ def slide_pool(count: int, bases: int = 6) -> list[Path]:
         path = POOL / f"load-{i:04d}.svs"
         path.write_bytes(data.replace(token, fresh))
         paths.append(path)
-    return paths
+        identifying.update((fresh, path.name.encode()))
+    return paths, identifying
 
 
 @dataclass
@@ -166,8 +173,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def run(minutes: float, clients: int, pool: int, keep: bool) -> None:
-    files = slide_pool(pool)
+async def run(minutes: float, clients: int, pool: int, keep: bool) -> bool:
+    files, identifying = slide_pool(pool)
     world = load_world()
     print(f"starting the load stack under {world.root} ...", flush=True)
     await world.up(fresh=True)
@@ -201,10 +208,18 @@ async def run(minutes: float, clients: int, pool: int, keep: bool) -> None:
                 stats.lag.append((total_s, await consumer_lag(world)))
             stop.set()
             await asyncio.gather(*watchers, return_exceptions=True)
+        print("searching the run's logs, traces, events and metrics ...", flush=True)
+        leaks, scanned = await find_leaks(world, identifying)
     finally:
         if not keep:
             await world.down()
     report(stats, minutes, clients, upload_s, total_s, len(files))
+    print(
+        f"  leak scan: {scanned} logs, trace files, events and /metrics pages searched for "
+        f"{len(identifying)} identifying values: "
+        + (("FOUND in " + ", ".join(leaks)) if leaks else "none found")
+    )
+    return not leaks
 
 
 def report(
@@ -254,7 +269,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     pool = args.pool or int(max(40, args.minutes * 60))  # ~1 slide/s is more than it sustains
-    asyncio.run(run(args.minutes, args.clients, pool, args.keep))
+    sys.exit(0 if asyncio.run(run(args.minutes, args.clients, pool, args.keep)) else 1)
 
 
 if __name__ == "__main__":

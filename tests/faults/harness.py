@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from grpc import StatusCode, aio
 from minio import Minio
 from pymongo import AsyncMongoClient
@@ -37,9 +37,10 @@ for extra in (REPO, REPO / "protos"):
 
 from services.cli.client import TesseraClient  # noqa: E402
 from services.shared.auth import TokenIssuer  # noqa: E402
-from services.shared.events import ALL_TOPICS, dead_letter_topic  # noqa: E402
+from services.shared.events import dead_letter_topic  # noqa: E402
 from tessera.common.v1 import common_pb2  # noqa: E402
 from tessera.metadata.v1 import metadata_pb2  # noqa: E402
+from tests.faults.leaks import Message, find_leaks, read_topics  # noqa: E402
 from tests.faults.world import HOME, SERVICE_NAMES, FaultWorld, WorldError  # noqa: E402
 from tests.fixtures import wsigen  # noqa: E402
 
@@ -147,6 +148,7 @@ class Report:
     completed: int = 0
     duplicated: int = 0
     lost: int = 0
+    leak_sources: int = 0  # log/trace files, events and /metrics pages scanned
 
     def table(self) -> str:
         kinds = Counter(f.kind.split(" ")[0] + " " + f.kind.split(" ")[1] for f in self.faults)
@@ -177,6 +179,8 @@ class Report:
             + ", ".join(f"{r} x{n}" for r, n in Counter(r for _, r in self.dead_letters).items()),
             f"  drain after the last fault: {self.drain_s:.1f} s; campaign wall time "
             f"{self.wall_s:.1f} s",
+            f"  leak scan: {self.leak_sources} logs, trace files, events and /metrics pages "
+            "searched for the inputs' identifying values",
             f"  problems: {len(self.problems)}",
         ]
         lines += [f"    - {p}" for p in self.problems]
@@ -481,47 +485,11 @@ class Campaign:
         if leftovers:
             self.problems.append(f"{len(leftovers)} files left in the ingestion spool")
 
-    async def _read_topics(self, topics: list[str]) -> list[tuple[str, bytes, dict[str, bytes]]]:
-        """Every message of `topics`, from the beginning (no consumer group, nothing committed)."""
-        probe = AIOKafkaConsumer(bootstrap_servers=self.world.kafka, group_id=None)
-        await probe.start()
-        try:
-            existing = [t for t in topics if t in await probe.topics()]
-        finally:
-            await probe.stop()
-        out: list[tuple[str, bytes, dict[str, bytes]]] = []
-        if not existing:
-            return out
-        consumer = AIOKafkaConsumer(
-            *existing,
-            bootstrap_servers=self.world.kafka,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        try:
-            deadline = time.monotonic() + 60
-            batch = await consumer.getmany(timeout_ms=1000)
-            while not consumer.assignment() and time.monotonic() < deadline:
-                batch = await consumer.getmany(timeout_ms=500)
-            parts = list(consumer.assignment())
-            ends = await consumer.end_offsets(parts)
-            pending = {tp for tp in parts if ends[tp] > 0}
-            while True:
-                for tp, msgs in batch.items():
-                    for m in msgs:
-                        out.append((tp.topic, m.value or b"", dict(m.headers or ())))
-                        if m.offset + 1 >= ends[tp]:
-                            pending.discard(tp)
-                if not pending or time.monotonic() > deadline:
-                    break
-                batch = await consumer.getmany(timeout_ms=500)
-            if pending:
-                self.problems.append(f"could not read {len(pending)} partitions to their end")
-        finally:
-            await consumer.stop()
-        return out
+    async def _read_topics(self, topics: list[str]) -> list[Message]:
+        messages, unread = await read_topics(self.world.kafka, topics)
+        if unread:
+            self.problems.append(f"could not read {unread} partitions to their end")
+        return messages
 
     async def _check_dead_letters(self, report: Report) -> None:
         dlqs = [dead_letter_topic(s) for s in SERVICE_NAMES]
@@ -541,24 +509,12 @@ class Campaign:
         """No identifying value of the inputs in any log, trace, event or metric."""
         needles = {v for u in self.uploads for v in u.item.identifying if len(v) >= 6}
         needles |= {u.item.path.name.encode() for u in self.uploads}
-        sources: list[tuple[str, bytes]] = []
-        for path in self.world.logs() + self.world.traces():
-            sources.append((path.name, path.read_bytes()))
-        for topic, value, headers in await self._read_topics(list(ALL_TOPICS)):
-            sources.append((topic, value + b"".join(headers.values())))
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            for name in SERVICE_NAMES:
-                with contextlib.suppress(aiohttp.ClientError):
-                    url = f"http://127.0.0.1:{self.world.metrics_port(name)}/metrics"
-                    async with http.get(url) as r:
-                        sources.append((f"{name} /metrics", await r.read()))
-        for where, data in sources:
-            for needle in needles:
-                if needle in data:
-                    self.problems.append(f"identifying value found in {where}")
-                    break
+        try:
+            found, report.leak_sources = await find_leaks(self.world, needles)
+        except RuntimeError as exc:
+            self.problems.append(f"leak scan incomplete: {exc}")
+            return
+        self.problems.extend(f"identifying value found in {where}" for where in found)
 
 
 async def campaign(
