@@ -95,3 +95,14 @@ def test_ndpi_whose_output_pages_tifffile_cannot_parse(runner: Runner) -> None:
     data = (CORPUS / "ndpi-tifffile-pages.ndpi").read_bytes()
     out = runner.run("deid_ndpi", "ndpi", data)
     assert out.kind == "domain", out
+
+
+def test_ndpi_whose_output_tile_length_tifffile_reads_as_negative(
+    seeds: dict[str, Seed], runner: Runner
+) -> None:
+    """Two bytes copied within the NDPI (found by the long fuzzing run): tifffile derived a
+    negative tile length for the output, and the verifier's read raised ValueError (retried,
+    then dead-lettered) instead of failing the verification."""
+    data = apply(seeds["ndpi"], [("copy", 146926, 146926, 2), ("copy", 151274, 146926, 255)])
+    out = runner.run("deid_ndpi", "ndpi", data)
+    assert out.kind == "domain", out

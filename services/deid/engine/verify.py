@@ -502,8 +502,12 @@ def _tifffile_page(tf: Any, page: Any, ifd: TiffIfd, where: str) -> None:
         raise _fail(f"{where}: tifffile and the parser disagree on the tags")
     fh = tf.filehandle
     for i in _sample_indices(page.databytecounts):
-        fh.seek(page.dataoffsets[i])
-        data = fh.read(page.databytecounts[i])
+        offset, count = int(page.dataoffsets[i]), int(page.databytecounts[i])
+        if offset < 0 or count < 0 or offset + count > fh.size:
+            # e.g. a negative length tifffile derived from a mutated NDPI (found by tests/fuzz)
+            raise _fail(f"{where}: tifffile reads tile {i} outside the file")
+        fh.seek(offset)
+        data = fh.read(count)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
