@@ -49,6 +49,7 @@ def load_world() -> FaultWorld:
         kafka_controller_port=29093,
         s3_port=27070,
         mongo_port=23017,
+        postgres_port=35432,
         ferretdb_debug_port=28088,
         port_base=22000,
     )

@@ -39,6 +39,7 @@ class FaultWorld:
     kafka_controller_port: int = 19093
     s3_port: int = 17070
     mongo_port: int = 28017
+    postgres_port: int = 25432
     ferretdb_debug_port: int = 18088
     port_base: int = 21000  # services: gRPC base+1.., metrics base+11.. (deploy/local/devstack.py)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. armed failpoints
@@ -83,6 +84,7 @@ class FaultWorld:
                 "TESSERA_KAFKA_CONTROLLER_PORT": str(self.kafka_controller_port),
                 "TESSERA_S3_PORT": str(self.s3_port),
                 "TESSERA_MONGO_PORT": str(self.mongo_port),
+                "TESSERA_POSTGRES_PORT": str(self.postgres_port),
                 "TESSERA_FERRETDB_DEBUG_PORT": str(self.ferretdb_debug_port),
                 "TESSERA_DEVSTACK_PORT_BASE": str(self.port_base),
                 "TESSERA_STOP_TIMEOUT": "20",

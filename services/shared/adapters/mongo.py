@@ -5,9 +5,9 @@ transactions, change streams or aggregation pipelines, so FerretDB v1 serves all
 
 FerretDB v1 differences this adapter absorbs:
 
-* a unique-index violation by an update, an upsert or `createIndexes` comes back as
-  `InternalError` (code 1) carrying the SQLite text "UNIQUE constraint failed" instead of
-  E11000; both are turned into DuplicateKey;
+* a unique-index violation by an update, an upsert or `createIndexes` may come back as
+  `InternalError` (code 1) carrying the backend's text instead of E11000 (SQLite: "UNIQUE
+  constraint failed"; PostgreSQL: SQLSTATE 23505, unique_violation); all are DuplicateKey;
 * arrays directly inside arrays are rejected ("nested arrays are not supported"); the port
   excludes them, and this adapter refuses them up front with ValueError, like the fake does.
 """
@@ -34,7 +34,11 @@ __all__ = ["MongoCollection", "MongoDocumentStore"]
 
 # How a unique-index violation reads when the server does not say E11000: FerretDB v1 over
 # SQLite and over PostgreSQL.
-_DUPLICATE_MARKERS = ("UNIQUE constraint failed", "duplicate key value violates unique")
+_DUPLICATE_MARKERS = (
+    "UNIQUE constraint failed",
+    "duplicate key value violates unique",
+    "(SQLSTATE 23505)",
+)
 
 
 def _duplicate(exc: OperationFailure) -> bool:
