@@ -269,8 +269,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=0, help="files to generate (default: enough)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    # enough files for the whole run: it has sustained about 2 slides/s here
-    pool = args.pool or int(max(40, args.minutes * 60 * 2.5))
+    # enough files for the whole run: it has accepted up to ~4 slides/s here
+    pool = args.pool or int(max(40, args.minutes * 60 * 5))
     sys.exit(0 if asyncio.run(run(args.minutes, args.clients, pool, args.keep)) else 1)
 
 
