@@ -27,7 +27,7 @@ from typing import Final, NamedTuple
 import openslide
 from PIL import Image
 
-from .geometry import DziGeometry, tile_relative_path
+from .geometry import DziGeometry, GeometryView, tile_relative_path
 from .slide import (
     RGB,
     UNREADABLE_COLOUR,
@@ -65,7 +65,7 @@ class TilePosition(NamedTuple):
     row: int
 
 
-class DeepZoomBuilder:
+class DeepZoomBuilder(GeometryView):
     """Deep Zoom pyramid of one slide file (any format OpenSlide opens).
 
     A tile whose source pixels cannot be decoded (corrupt source tile) is still emitted, with
@@ -125,31 +125,11 @@ class DeepZoomBuilder:
 
     # ------------------------------------------------------------- geometry
     @property
-    def level_count(self) -> int:
-        return self.geometry.level_count
-
-    @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         return self.geometry.level_dimensions
 
-    @property
-    def tile_count(self) -> int:
-        return self.geometry.tile_count
-
-    @property
-    def format(self) -> str:
-        return self.geometry.format
-
-    @property
-    def content_type(self) -> str:
-        return self.geometry.content_type
-
     def tile_grid(self, level: int) -> tuple[int, int]:
         return self.geometry.tile_grid(level)
-
-    def descriptor(self) -> str:
-        """The ``.dzi`` XML descriptor text."""
-        return self.geometry.to_descriptor()
 
     def failed_tiles(self) -> list[TilePosition]:
         """Tiles (so far) that contain placeholder pixels because the source was unreadable."""

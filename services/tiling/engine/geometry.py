@@ -334,3 +334,29 @@ def _parse_descriptor(xml_text: str | bytes) -> DziGeometry:
         raise
     except DziError as exc:
         raise DescriptorError(str(exc)) from None
+
+
+class GeometryView:
+    """The Deep Zoom surface every pyramid builder shares, read from its ``geometry``."""
+
+    geometry: DziGeometry
+
+    @property
+    def level_count(self) -> int:
+        return self.geometry.level_count
+
+    @property
+    def tile_count(self) -> int:
+        return self.geometry.tile_count
+
+    @property
+    def format(self) -> str:
+        return self.geometry.format
+
+    @property
+    def content_type(self) -> str:
+        return self.geometry.content_type
+
+    def descriptor(self) -> str:
+        """The ``.dzi`` XML descriptor text."""
+        return self.geometry.to_descriptor()

@@ -16,13 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
 from .deepzoom import SMALL_LEVEL_PIXELS, DeepZoomBuilder, Tile, TilePosition
-from .geometry import DziGeometry
+from .geometry import DziGeometry, GeometryView
 from .slide import PathLike
 
 ROWS_PER_BLOCK: Final = 2
 
 
-class ParallelDeepZoomBuilder:
+class ParallelDeepZoomBuilder(GeometryView):
     """Same surface as :class:`DeepZoomBuilder` for the parts the tiling stage uses."""
 
     def __init__(
@@ -48,25 +48,6 @@ class ParallelDeepZoomBuilder:
             raise
         self.geometry: DziGeometry = self._builders[0].geometry
         self._executor: ThreadPoolExecutor | None = None
-
-    @property
-    def level_count(self) -> int:
-        return self.geometry.level_count
-
-    @property
-    def tile_count(self) -> int:
-        return self.geometry.tile_count
-
-    @property
-    def format(self) -> str:
-        return self.geometry.format
-
-    @property
-    def content_type(self) -> str:
-        return self.geometry.content_type
-
-    def descriptor(self) -> str:
-        return self.geometry.to_descriptor()
 
     def failed_tiles(self) -> list[TilePosition]:
         return sorted({p for b in self._builders for p in b.failed_tiles()})

@@ -38,7 +38,7 @@ from PIL import Image
 
 from . import jpeg
 from .deepzoom import Tile, TilePosition
-from .geometry import DziGeometry
+from .geometry import DziGeometry, GeometryView
 from .slide import UNREADABLE_COLOUR, PathLike
 from .tiffsource import TiffJpegSource, open_tiff_jpeg
 
@@ -365,7 +365,7 @@ def _process_init() -> None:  # pragma: no cover - runs in workers
     _SOURCES.clear()
 
 
-class TiffPyramidBuilder:
+class TiffPyramidBuilder(GeometryView):
     """Deep Zoom pyramid of a tiled-JPEG TIFF (see module docstring). Same interface as
     :class:`DeepZoomBuilder` for the parts the tiling stage uses."""
 
@@ -391,25 +391,6 @@ class TiffPyramidBuilder:
         self._executor: Executor | None = None
 
     # -- DeepZoomBuilder-compatible surface ----------------------------------------------
-    @property
-    def level_count(self) -> int:
-        return self.geometry.level_count
-
-    @property
-    def tile_count(self) -> int:
-        return self.geometry.tile_count
-
-    @property
-    def format(self) -> str:
-        return self.geometry.format
-
-    @property
-    def content_type(self) -> str:
-        return self.geometry.content_type
-
-    def descriptor(self) -> str:
-        return self.geometry.to_descriptor()
-
     def failed_tiles(self) -> list[TilePosition]:
         return sorted(self._failed)
 
