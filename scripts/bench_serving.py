@@ -50,6 +50,7 @@ from services.tiling.engine import DziGeometry, tile_key  # noqa: E402
 from tessera.access.v1 import access_pb2  # noqa: E402
 from tessera.common.v1 import common_pb2  # noqa: E402
 from tessera.tiling.v1 import tiling_pb2, tiling_pb2_grpc  # noqa: E402
+from tests.faults.world import live_pid  # noqa: E402
 
 HOME = Path(os.environ.get("TESSERA_HOME", REPO / ".tessera"))
 KEYS = HOME / "stack" / "app" / "keys"
@@ -67,15 +68,6 @@ S3_SECRET = os.environ.get("TESSERA_S3_SECRET_KEY", "tessera-local-secret")
 READERS = 8
 TIME_CAP_S = 60.0
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _pid(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -256,8 +248,8 @@ async def main() -> None:
     rnd.shuffle(cold)
     hot = [rnd.choice(refs) for _ in range(n)]
     headers = [{"Authorization": f"Bearer {t}"} for t in tokens]
-    tiling_pid = _pid(HOME / "stack" / "app" / "run" / "tiling.pid")
-    s3_pid = _pid(HOME / "stack" / "run" / "s3.pid")
+    tiling_pid = live_pid(HOME / "stack" / "app" / "run" / "tiling.pid")
+    s3_pid = live_pid(HOME / "stack" / "run" / "s3.pid")
     results: list[Result] = []
 
     connector = aiohttp.TCPConnector(limit=conc, limit_per_host=conc)

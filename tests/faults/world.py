@@ -32,6 +32,16 @@ class WorldError(RuntimeError):
     pass
 
 
+def live_pid(path: Path) -> int | None:
+    """The pid a pid file names, if that process is alive."""
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 @dataclass
 class FaultWorld:
     root: Path = field(default_factory=lambda: HOME / "faults")
@@ -146,13 +156,7 @@ class FaultWorld:
         await self._stack("start", name)
 
     def service_pid(self, service: str) -> int | None:
-        path = self.app / "run" / f"{service}.pid"
-        try:
-            pid = int(path.read_text().strip())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+        return live_pid(self.app / "run" / f"{service}.pid")
 
     async def kill_service(self, service: str) -> None:
         """SIGKILL: no drain, no commit, no flush — the harshest crash there is."""
