@@ -34,16 +34,30 @@ class SecretMissing(Exception):
     pass
 
 
+class KeyedLocks:
+    """One lock per custom resource: a reconcile and the deletion cleanup of the same object never
+    interleave (without it, a reconcile that read the object just before its deletion could
+    re-apply a Deployment the cleanup had just deleted, and with no garbage collector assumed
+    nothing would ever remove it)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def __call__(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        # a waiter still holding the old lock re-reads the object inside it and finds it gone
+        self._locks.pop((namespace, name), None)
+
+
 class NodeReconciler:
     def __init__(self, kube: KubeApi, infra: InfraReconciler) -> None:
         self._kube = kube
         self._infra = infra
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lock = KeyedLocks()
         # generation whose infrastructure was reconciled without problems, per node uid
         self._infra_done: dict[str, int] = {}
-
-    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self._locks.setdefault((namespace, name), asyncio.Lock())
 
     async def _secret_value(self, namespace: str, name: str, key: str) -> str:
         secret = await self._kube.get("Secret", namespace, name)
@@ -222,7 +236,7 @@ class NodeReconciler:
                 await self._infra.delete_buckets(ep, spec.s3.buckets.all())
                 await self._infra.drop_database(ep)
             self._infra_done.pop(meta.get("uid", ""), None)
-            self._locks.pop((namespace, name), None)
+            self._lock.forget(namespace, name)
 
 
 class ModelReconciler:
@@ -230,12 +244,18 @@ class ModelReconciler:
         self._kube = kube
         self._infra = infra
         self._nodes = nodes
+        self._lock = KeyedLocks()
 
     async def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        body = await self._kube.get("ModelDeployment", namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
+        async with self._lock(namespace, name):
+            body = await self._kube.get("ModelDeployment", namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            return await self._reconcile(body)
+
+    async def _reconcile(self, body: Mapping[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
         generation = int(meta.get("generation", 1))
         previous = list((body.get("status") or {}).get("conditions") or [])
         problems: dict[str, str] = {}
@@ -297,7 +317,8 @@ class ModelReconciler:
 
     async def cleanup(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
-        for kind in ("Deployment", "Service"):
-            await self._kube.delete(
-                kind, meta["namespace"], builders.model_object_name(meta["name"])
-            )
+        namespace, name = meta["namespace"], meta["name"]
+        async with self._lock(namespace, name):
+            for kind in ("Deployment", "Service"):
+                await self._kube.delete(kind, namespace, builders.model_object_name(name))
+            self._lock.forget(namespace, name)

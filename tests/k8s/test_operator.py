@@ -385,21 +385,29 @@ async def test_a_spec_change_rolls_out(
         },
     )
 
+    def images() -> dict[str, str]:
+        return {
+            service: cluster.apps.read_namespaced_deployment(f"{alpha}-{service}", ns)
+            .spec.template.spec.containers[0]
+            .image
+            for service in SERVICE_NAMES
+        }
+
     def rolled() -> bool:
+        # The operator applies the Deployments one after another, so the tiling one being new
+        # says nothing yet about the others: wait until every service runs the new image.
         dep = cluster.apps.read_namespaced_deployment(f"{alpha}-tiling", ns)
         hpa = cluster.autoscaling.read_namespaced_horizontal_pod_autoscaler(f"{alpha}-tiling", ns)
         return (
             dep.spec.replicas == 2
-            and dep.spec.template.spec.containers[0].image == "tessera/services:test-2"
+            and set(images().values()) == {"tessera/services:test-2"}
             and (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 5)
         )
 
-    wait_for("the tiling Deployment and HPA to follow the spec", rolled, 60)
+    wait_for("every Deployment and the tiling HPA to follow the spec", rolled, 60)
     after = cluster.apps.read_namespaced_deployment(f"{alpha}-tiling", ns)
     assert after.metadata.generation > before.metadata.generation
-    for service in SERVICE_NAMES:  # every service runs the new image
-        dep = cluster.apps.read_namespaced_deployment(f"{alpha}-{service}", ns)
-        assert dep.spec.template.spec.containers[0].image == "tessera/services:test-2"
+    assert images() == dict.fromkeys(SERVICE_NAMES, "tessera/services:test-2")
 
     def observed() -> bool:
         status = (cluster.node(ns, alpha) or {}).get("status") or {}
