@@ -714,6 +714,47 @@ def test_verify_rejects_trailing_bytes(tmp_path: Path) -> None:
     assert e.value.reason == "VERIFICATION_FAILED"
 
 
+def test_large_image_data_keeps_its_page_alignment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of image data from RUN_ALIGN_MIN bytes on start at their source offset modulo
+    RUN_ALIGN (the kernel copy is then a third faster); the zero padding this leaves is
+    accepted by the verifier, a non-zero byte in it is not. Small thresholds stand in for the
+    real ones (2 MiB alignment of runs from 64 MiB)."""
+    monkeypatch.setattr(tiff, "RUN_ALIGN", 4096)
+    monkeypatch.setattr(tiff, "RUN_ALIGN_MIN", 16 << 10)
+    src = slide("aperio/CMU-1-Small-Region.svs")
+    dst, report = run("aperio/CMU-1-Small-Region.svs", tmp_path)
+    a, b = read_tiff(src), read_tiff(dst)
+    big = 0
+    assert len(b.ifds) == 2  # level 0 and the thumbnail; label and macro removed
+    for ia, ib in zip(a.ifds[:2], b.ifds, strict=True):
+        (oa, ca), (ob, _cb) = ia.segment_arrays(), ib.segment_arrays()
+        if int(ca.sum()) >= 16 << 10:  # (the tiles of these levels lie in one run each)
+            big += 1
+            assert int(ob.min()) % 4096 == int(oa.min()) % 4096
+    assert big >= 2
+    verify(dst, SlideFormat.APERIO_SVS, report.identifying_values)
+    with tifffile.TiffFile(src) as ta, tifffile.TiffFile(dst) as tb:
+        assert np.array_equal(ta.pages[0].asarray(), tb.pages[0].asarray())
+    # the padding: bytes no IFD, tag value or tile refers to
+    used = np.zeros(dst.stat().st_size, dtype=bool)
+    for s0, e0 in b.metadata_regions():
+        used[s0:e0] = True
+    for ifd in b.all_ifds():
+        for off, cnt in ifd.segments():
+            used[off : off + cnt] = True
+    free = np.flatnonzero(~used)
+    assert len(free) > 64
+    data = bytearray(dst.read_bytes())
+    assert not any(data[int(k)] for k in free)
+    data[int(free[len(free) // 2])] = 0x41
+    dst.write_bytes(bytes(data))
+    with pytest.raises(DeidRejected) as e:
+        verify(dst, SlideFormat.APERIO_SVS, report.identifying_values)
+    assert e.value.reason == "VERIFICATION_FAILED" and "padding" in e.value.detail
+
+
 def test_verify_rejects_trailing_bytes_dicom(tmp_path: Path) -> None:
     dst, report = run("dicom/highdicom-sm/sm_image.dcm", tmp_path)
     with open(dst, "ab") as fh:

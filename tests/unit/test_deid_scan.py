@@ -5,6 +5,7 @@ in every kind of region, with both pattern engines; and the verifier built on th
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import struct
@@ -389,6 +390,43 @@ def test_verifier_finds_a_marker_in_entropy_data(
             verify(bad, SlideFormat.APERIO_SVS, values, DeidPolicy(buffer_size=64 << 10))
         assert e.value.reason == "VERIFICATION_FAILED"
         assert f"IFD 0: tile {k} carries a comment/APPn segment after its header" in str(e.value)
+
+
+def test_verifier_with_more_markers_than_the_early_search_keeps(
+    svs_out: tuple[Path, list[bytes]],
+    tmp_path: Path,
+    engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search that runs beside the structure checks records text markers without knowing
+    yet where entropy-coded data is; past its limit it hands over to the sequential search,
+    which gives the same verdicts."""
+    verify_mod = importlib.import_module("services.deid.engine.verify")  # not the function
+    out, values = svs_out
+    st = read_tiff(out)
+    offs, cnts = st.ifds[0].segment_arrays()
+    policy = DeidPolicy(buffer_size=64 << 10)
+    verify(out, SlideFormat.APERIO_SVS, values, policy)  # the clean output has a few markers
+    calls: list[int] = []
+    sequential = verify_mod._scan_output
+
+    def counted(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        sequential(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify_mod, "_scan_output", counted)
+    monkeypatch.setattr(verify_mod, "_EARLY_MARKER_HITS", 0)
+    verify(out, SlideFormat.APERIO_SVS, values, policy)  # clean: still passes
+    bad = planted(out, tmp_path, int(offs[6] + cnts[6] // 2), b"\xff\xfe")
+    with pytest.raises(DeidRejected) as e:
+        verify(bad, SlideFormat.APERIO_SVS, values, policy)
+    assert calls  # the first marker was already one too many: decided sequentially
+    assert "IFD 0: tile 6 carries a comment/APPn segment after its header" in str(e.value)
+    value = b"PLANTED-NAME-0043"
+    bad = planted(out, tmp_path, int(offs[5] + cnts[5] // 2), value)
+    with pytest.raises(DeidRejected) as e:
+        verify(bad, SlideFormat.APERIO_SVS, [*values, value], policy)
+    assert "output bytes" in e.value.detail
 
 
 @pytest.mark.parametrize("threads", [1, 2])

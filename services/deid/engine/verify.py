@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -70,7 +71,7 @@ from services.shared.wsi.sniff import (
 )
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
 
-_MAX_GAP = 8
+_MAX_GAP = 2 << 20  # zero padding: word alignment of values, page alignment of image data
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_.\-]+-[a-z]{3}-[a-z2-7]{24}$")
 _SAMPLES_PER_LEVEL = 3
 _STREAM_MIN_PATTERN = 6
@@ -103,13 +104,17 @@ def verify(
         _verify_bundle(path, fmt, forbidden, policy)
         return
     entropy: _Entropy | None = None
-    if fmt is SlideFormat.DICOM_WSI:
-        regions = _verify_dicom(path, policy)
-    elif fmt in _OPENSLIDE_VENDOR or fmt in _TIFF_ONLY:
-        regions, entropy = _verify_tiff(path, fmt, policy)
-    else:
+    if fmt is not SlideFormat.DICOM_WSI and fmt not in _OPENSLIDE_VENDOR and fmt not in _TIFF_ONLY:
         raise DeidRejected(UNSUPPORTED_FORMAT, f"cannot verify format {fmt.value}")
-    _scan_output(path, forbidden, regions, policy, entropy)
+    search = _EarlySearch(path, forbidden, policy, markers=fmt is not SlideFormat.DICOM_WSI)
+    try:
+        if fmt is SlideFormat.DICOM_WSI:
+            regions = _verify_dicom(path, policy)
+        else:
+            regions, entropy = _verify_tiff(path, fmt, policy)
+        search.finish(regions, entropy)
+    finally:
+        search.join()  # a failed check leaves no search running on the file
 
 
 # --- forbidden values and text markers: one pass over the output ----------------------------
@@ -166,6 +171,58 @@ def search_forbidden(
     _scan_output(path, forbidden, metadata, policy, None)
 
 
+def _patterns(forbidden: Iterable[bytes], policy: DeidPolicy) -> tuple[list[bytes], list[bytes]]:
+    """(every pattern, for the metadata regions; the longer ones, for the whole byte stream)."""
+    values = [v for v in forbidden if len(v) >= policy.min_forbidden_length]
+    variants = [p for v in values for p in streams.pattern_variants(v)]
+    meta_patterns = streams.minimal_patterns(variants)
+    stream_patterns = streams.minimal_patterns(p for p in variants if len(p) >= _STREAM_MIN_PATTERN)
+    return meta_patterns, stream_patterns
+
+
+def _scan_metadata(
+    fh: BinaryIO, meta_patterns: list[bytes], metadata: Sequence[tuple[int, int]]
+) -> None:
+    if not meta_patterns:
+        return
+    meta_set = streams.PatternSet(meta_patterns)
+    for start, end in _merge(metadata):
+        fh.seek(start)
+        data = fh.read(end - start)
+
+        def meta_hit(index: int, at: int, data: bytes = data) -> bool:
+            p = meta_patterns[index]
+            return not streams.is_numeric_pattern(p) or streams.numeric_boundary_ok(
+                lambda i: data[i] if i < len(data) else None, at, p
+            )
+
+        if meta_set.scan(data, meta_hit):
+            raise _fail("an identifying value from the input is present in the output metadata")
+
+
+def _value_hit(fd: int, p: bytes, at: int) -> bool:
+    """A stream hit counts unless it is a number/date touched by another digit."""
+
+    def byte_at(i: int) -> int | None:
+        b = os.pread(fd, 1, i)
+        return b[0] if b else None
+
+    return not streams.is_numeric_pattern(p) or streams.numeric_boundary_ok(byte_at, at, p)
+
+
+_VALUE_IN_BYTES = "an identifying value from the input is present in the output bytes"
+
+
+def _marker_failure(entropy: _Entropy, at: int) -> str | None:
+    k = entropy.holding(at)
+    if k is None:
+        return None  # in a header (judged by the header scan), metadata or between tiles
+    return (
+        f"IFD {int(entropy.ifds[k])}: tile {int(entropy.tiles[k])} carries a "
+        "comment/APPn segment after its header"
+    )
+
+
 def _scan_output(
     path: Path,
     forbidden: Iterable[bytes],
@@ -175,32 +232,16 @@ def _scan_output(
 ) -> None:
     """The whole output is read once (mapped windows, one multi-pattern pass): identifying
     values everywhere, and - where ``entropy`` is given - APPn/COM markers in the
-    entropy-coded data of JPEG tiles. Numbers/dates only count when no digit touches them."""
-    values = [v for v in forbidden if len(v) >= policy.min_forbidden_length]
-    variants = [p for v in values for p in streams.pattern_variants(v)]
-    meta_patterns = streams.minimal_patterns(variants)
-    stream_patterns = streams.minimal_patterns(p for p in variants if len(p) >= _STREAM_MIN_PATTERN)
-    if not values and entropy is None:
+    entropy-coded data of JPEG tiles. Numbers/dates only count when no digit touches them.
+    (:class:`_EarlySearch` runs the same search while the structure is being checked; this
+    is its sequential form.)"""
+    meta_patterns, stream_patterns = _patterns(forbidden, policy)
+    if not meta_patterns and entropy is None:
         return
     with open(path, "rb") as fh:
         fd = fh.fileno()
         size = os.fstat(fd).st_size
-        if meta_patterns:
-            meta_set = streams.PatternSet(meta_patterns)
-            for start, end in _merge(metadata):
-                fh.seek(start)
-                data = fh.read(end - start)
-
-                def meta_hit(index: int, at: int, data: bytes = data) -> bool:
-                    p = meta_patterns[index]
-                    return not streams.is_numeric_pattern(p) or streams.numeric_boundary_ok(
-                        lambda i: data[i] if i < len(data) else None, at, p
-                    )
-
-                if meta_set.scan(data, meta_hit):
-                    raise _fail(
-                        "an identifying value from the input is present in the output metadata"
-                    )
+        _scan_metadata(fh, meta_patterns, metadata)
         values_only = streams.PatternSet(stream_patterns)
         plan: list[tuple[int, int, streams.PatternSet]] = []
         if entropy is not None:
@@ -217,30 +258,103 @@ def _scan_output(
             plan.append((0, size, values_only))
         found: list[str] = []
 
-        def byte_at(i: int) -> int | None:
-            b = os.pread(fd, 1, i)
-            return b[0] if b else None
-
         def hit(_ps: streams.PatternSet, index: int, at: int) -> bool:
             if index >= len(stream_patterns):  # a text marker: inside entropy-coded data?
                 assert entropy is not None
-                k = entropy.holding(at)
-                if k is None:
-                    return False  # in a header (judged by the header scan) or between tiles
-                found.append(
-                    f"IFD {int(entropy.ifds[k])}: tile {int(entropy.tiles[k])} carries a "
-                    "comment/APPn segment after its header"
-                )
+                problem = _marker_failure(entropy, at)
+                if problem is None:
+                    return False
+                found.append(problem)
                 return True
-            p = stream_patterns[index]
-            if streams.is_numeric_pattern(p) and not streams.numeric_boundary_ok(byte_at, at, p):
+            if not _value_hit(fd, stream_patterns[index], at):
                 return False
-            found.append("an identifying value from the input is present in the output bytes")
+            found.append(_VALUE_IN_BYTES)
             return True
 
         streams.scan_file(fd, plan, hit, window=policy.buffer_size, threads=_SCAN_THREADS)
     if found:
         raise _fail(found[0])
+
+
+_EARLY_MARKER_HITS = 1 << 16  # more text markers than this: the sequential search decides
+
+
+class _EarlySearch:
+    """The whole-output search of :func:`_scan_output`, started in a background thread before
+    the structure checks so that both run at once (the search is a Hyperscan pass over the
+    whole file, which releases the GIL; the checks are mostly Python). It cannot know yet
+    where the entropy-coded data lies, so it searches every byte for the text markers too
+    and only records where they are; :meth:`finish` judges them once the header scan has
+    found the entropy-coded ranges. In a clean file markers only occur in metadata and tile
+    headers, a few per file; if more than _EARLY_MARKER_HITS turn up, the search stops and
+    :meth:`finish` runs the sequential one instead (bounded memory either way)."""
+
+    def __init__(
+        self, path: Path, forbidden: Sequence[bytes], policy: DeidPolicy, *, markers: bool
+    ) -> None:
+        self._path, self._forbidden, self._policy = path, forbidden, policy
+        self._meta_patterns, self._stream_patterns = _patterns(forbidden, policy)
+        self._markers = markers
+        self._value_found = False
+        self._marker_hits: list[int] = []
+        self._overflow = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if self._stream_patterns or markers:
+            self._thread = threading.Thread(target=self._run, name="verify-search", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        patterns = [*self._stream_patterns, *(_TEXT_MARKERS if self._markers else ())]
+        n = len(self._stream_patterns)
+        lock = threading.Lock()
+        try:
+            with open(self._path, "rb") as fh:
+                fd = fh.fileno()
+                size = os.fstat(fd).st_size
+
+                def hit(_ps: streams.PatternSet, index: int, at: int) -> bool:
+                    if index >= n:
+                        with lock:
+                            if len(self._marker_hits) >= _EARLY_MARKER_HITS:
+                                self._overflow = True
+                                return True
+                            self._marker_hits.append(at)
+                        return False
+                    if not _value_hit(fd, self._stream_patterns[index], at):
+                        return False
+                    self._value_found = True
+                    return True
+
+                streams.scan_file(
+                    fd,
+                    [(0, size, streams.PatternSet(patterns))],
+                    hit,
+                    window=self._policy.buffer_size,
+                    threads=_SCAN_THREADS,
+                )
+        except Exception as exc:  # noqa: BLE001 - finish() falls back to the sequential search
+            self._error = exc
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self, metadata: Sequence[tuple[int, int]], entropy: _Entropy | None) -> None:
+        """Raise like :func:`_scan_output` would for the same output."""
+        self.join()
+        if self._error is not None or self._overflow:
+            _scan_output(self._path, self._forbidden, metadata, self._policy, entropy)
+            return
+        with open(self._path, "rb") as fh:
+            _scan_metadata(fh, self._meta_patterns, metadata)
+        if self._value_found:
+            raise _fail(_VALUE_IN_BYTES)
+        if entropy is not None:
+            for at in sorted(self._marker_hits):
+                problem = _marker_failure(entropy, at)
+                if problem is not None:
+                    raise _fail(problem)
 
 
 # --- TIFF ------------------------------------------------------------------------------------
@@ -400,8 +514,9 @@ def _check_ifd(
 
 
 def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
-    """Every byte must belong to the header, an IFD, a tag value or image data, except a few
-    zero bytes of alignment padding; nothing may follow the last referenced byte."""
+    """Every byte must belong to the header, an IFD, a tag value or image data, except zero
+    bytes of alignment padding (each gap read and checked, each under 128 KiB); nothing may
+    follow the last referenced byte."""
     meta = _merge(st.metadata_regions())
     starts = [np.array([s for s, _e in meta], dtype=np.int64)]
     ends = [np.array([e for _s, e in meta], dtype=np.int64)]
@@ -419,7 +534,7 @@ def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
     # gaps: before the first span, and wherever a span starts beyond all earlier ones
     gap_s = np.concatenate(([0], reach[:-1]))
     gap = np.flatnonzero(s_all > gap_s)
-    if len(gap) and int((s_all[gap] - gap_s[gap]).max()) > _MAX_GAP:
+    if len(gap) and int((s_all[gap] - gap_s[gap]).max()) >= _MAX_GAP:
         raise _fail("the output holds unreferenced bytes")
     with open(path, "rb") as fh:
         for k in gap.tolist():

