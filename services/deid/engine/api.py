@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import BinaryIO
 
 from services.deid.engine import (
     aperio,
@@ -30,6 +31,7 @@ from services.deid.engine.model import (
     Tally,
 )
 from services.deid.engine.tiff_common import (
+    BackgroundWrite,
     FormatTagRules,
     check_level_compression,
     clean_codestream_heads,
@@ -209,6 +211,8 @@ def _deidentify_tiff(
         raise DeidRejected(MALFORMED_FILE, "pyramid level selection is inconsistent")
 
     def convert(ifd: TiffIfd, where: str, ifd_rules: FormatTagRules) -> OutIfd:
+        """The IFD's tags, cleaned, and its image data as it is in the source (the tile
+        headers are scanned afterwards, by ``heads``)."""
         check_level_compression(ifd, where)
         segments = level_segments(ifd, st, where)
         try:
@@ -221,22 +225,34 @@ def _deidentify_tiff(
         year = year_of_tiff_datetime(ifd) if policy.date_policy == "year" else None
         if year is not None:
             tags = [t for t in tags if t.code != DATETIME] + [OutTag.ascii(DATETIME, year)]
-        edits = clean_codestream_heads(fsrc, ifd, segments, where, tally)
-        if edits and tiff.NDPI_MCU_STARTS in ifd.tags:
-            tags = shift_mcu_starts(ifd, tags, segments, edits, where, st.byteorder)
-        return OutIfd(tags, segments, ifd.is_tiled, edits=edits)
+        out = OutIfd(tags, segments, ifd.is_tiled)
+        scans.append((ifd, out, where))
+        return out
 
+    def heads(fsrc: BinaryIO) -> bool:
+        """Text segments dropped from the tile headers; True if any header changed."""
+        changed = False
+        for ifd, out, where in scans:
+            edits = clean_codestream_heads(fsrc, ifd, out.segments, where, tally)
+            if edits:
+                if tiff.NDPI_MCU_STARTS in ifd.tags:
+                    out.tags = shift_mcu_starts(ifd, out.tags, out.segments, edits, where,
+                                                st.byteorder)  # fmt: skip
+                out.edits = edits
+                changed = True
+        return changed
+
+    scans: list[tuple[TiffIfd, OutIfd, str]] = []
     placed: list[tuple[int, OutIfd]] = []
-    with open(src, "rb") as fsrc:
-        for ifd in kept:
-            where = f"IFD {ifd.index}"
-            out = convert(ifd, where, per_ifd.get(ifd.offset, rules))
-            if with_children:
-                for n, kid in enumerate(ifd.children.get(tiff.SUB_IFDS, [])):
-                    if kid.children:
-                        raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: nested SubIFDs")
-                    out.children.append(convert(kid, f"{where} SubIFD {n}", rules))
-            placed.append((ifd.index, out))
+    for ifd in kept:
+        where = f"IFD {ifd.index}"
+        out = convert(ifd, where, per_ifd.get(ifd.offset, rules))
+        if with_children:
+            for n, kid in enumerate(ifd.children.get(tiff.SUB_IFDS, [])):
+                if kid.children:
+                    raise DeidRejected(UNSUPPORTED_STRUCTURE, f"{where}: nested SubIFDs")
+                out.children.append(convert(kid, f"{where} SubIFD {n}", rules))
+        placed.append((ifd.index, out))
     if policy.macro_policy == "blank_label":
         for ifd in macro.macro_ifds(st, fmt):
             where = f"IFD {ifd.index}"
@@ -247,11 +263,27 @@ def _deidentify_tiff(
             except TiffError as exc:
                 raise DeidRejected(MALFORMED_FILE, f"{where}: {exc.reason}") from exc
             placed.append((ifd.index, macro.blank_macro(src, st, ifd, tags, policy, tally)))
-    # Every IFD was examined: items no rule knows hold the slide for review (all listed at
-    # once) and nothing is written.
-    tally.raise_for_review()
     out_ifds = [out for _i, out in sorted(placed, key=lambda p: p[0])]
-    result = write_atomically(src, dst, out_ifds, st, policy)
+    with open(src, "rb") as fsrc:
+        if tally.review_items:
+            # Every IFD is examined (a corrupt tile header still rejects the slide), then the
+            # items no rule knows hold the slide for review, all listed at once; nothing is
+            # written.
+            heads(fsrc)
+            tally.raise_for_review()
+        # The layout without header edits is final unless the scan finds text segments in
+        # tile headers (rare): the image data is copied while the headers are scanned.
+        background = BackgroundWrite(src, dst, out_ifds, st, policy)
+        try:
+            changed = heads(fsrc)
+        except BaseException:
+            background.cancel()
+            raise
+    if changed:
+        background.cancel()
+        result = write_atomically(src, dst, out_ifds, st, policy)
+    else:
+        result = background.commit()
     if mpp_x is None:
         mpp_x, mpp_y, power = slide_resolution(st, fmt, levels[0])
     return DeidReport(

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -263,24 +264,41 @@ def aspect_matches(a: TiffIfd, b: TiffIfd) -> bool:
     return abs(expected - b.height) <= max(2.0, 0.02 * b.height)
 
 
+def _temporary(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
+
+
+def _write_file(
+    src: Path,
+    tmp: Path,
+    out_ifds: Sequence[OutIfd],
+    st: TiffStructure,
+    policy: DeidPolicy,
+    cancel: threading.Event | None = None,
+) -> WriteResult:
+    with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
+        result = tiff.write_tiff(
+            fsrc,
+            fdst,
+            out_ifds,
+            byteorder=st.byteorder,
+            flavor=st.flavor,
+            buffer_size=policy.buffer_size,
+            cancel=cancel,
+        )
+        fdst.flush()
+        if policy.fsync:
+            os.fsync(fdst.fileno())
+    return result
+
+
 def write_atomically(
     src: Path, dst: Path, out_ifds: Sequence[OutIfd], st: TiffStructure, policy: DeidPolicy
 ) -> WriteResult:
     """Write the new TIFF to a temporary file beside ``dst`` and rename it into place."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
+    tmp = _temporary(dst)
     try:
-        with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
-            result = tiff.write_tiff(
-                fsrc,
-                fdst,
-                out_ifds,
-                byteorder=st.byteorder,
-                flavor=st.flavor,
-                buffer_size=policy.buffer_size,
-            )
-            fdst.flush()
-            if policy.fsync:
-                os.fsync(fdst.fileno())
+        result = _write_file(src, tmp, out_ifds, st, policy)
         os.replace(tmp, dst)
     except TiffError as exc:
         raise DeidRejected(MALFORMED_FILE, f"writing failed: {exc.reason}") from exc
@@ -288,6 +306,63 @@ def write_atomically(
         with suppress(FileNotFoundError):
             tmp.unlink()
     return result
+
+
+class BackgroundWrite:
+    """:func:`write_atomically` in a background thread, started before the tile headers are
+    scanned: in the usual case no header needs an edit, the layout is already final and the
+    kernel copies the image data while the scan runs (the scan is Python/numpy work on the
+    header pages, the copy is kernel work; 2 cores do both at once). If the scan finds edits,
+    :meth:`cancel` stops the copy within one chunk and removes the partial file; the caller
+    writes again with the edits. Nothing reaches ``dst`` before :meth:`commit`."""
+
+    def __init__(
+        self,
+        src: Path,
+        dst: Path,
+        out_ifds: Sequence[OutIfd],
+        st: TiffStructure,
+        policy: DeidPolicy,
+    ) -> None:
+        self._dst = dst
+        self._tmp = _temporary(dst)
+        self._cancel = threading.Event()
+        self._result: WriteResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(src, out_ifds, st, policy), name="deid-write", daemon=True
+        )
+        self._thread.start()
+
+    def _run(
+        self, src: Path, out_ifds: Sequence[OutIfd], st: TiffStructure, policy: DeidPolicy
+    ) -> None:
+        try:
+            self._result = _write_file(src, self._tmp, out_ifds, st, policy, self._cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by commit()
+            self._error = exc
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join()
+        with suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+    def commit(self) -> WriteResult:
+        self._thread.join()
+        try:
+            if self._error is not None:
+                if isinstance(self._error, TiffError):
+                    raise DeidRejected(
+                        MALFORMED_FILE, f"writing failed: {self._error.reason}"
+                    ) from self._error
+                raise self._error
+            assert self._result is not None
+            os.replace(self._tmp, self._dst)
+            return self._result
+        finally:
+            with suppress(FileNotFoundError):
+                self._tmp.unlink()
 
 
 _HEAD_READ = 4096

@@ -33,6 +33,7 @@ import enum
 import io
 import os
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
@@ -906,9 +907,12 @@ def write_tiff(
     byteorder: ByteOrder,
     flavor: TiffFlavor,
     buffer_size: int = COPY_BUFFER,
+    cancel: threading.Event | None = None,
 ) -> WriteResult:
     """Write a new TIFF to ``dst`` (positioned at 0) from ``ifds``, copying image data
-    verbatim from ``src``. A classic file that would exceed 4 GiB becomes BigTIFF."""
+    verbatim from ``src``. A classic file that would exceed 4 GiB becomes BigTIFF.
+    ``cancel``, set from another thread, stops the copy within one chunk (TiffError
+    CANCELLED; ``dst`` then holds a partial file)."""
     if not ifds:
         raise TiffError("NO_IFD", "nothing to write")
     if flavor is TiffFlavor.NDPI and byteorder != "<":
@@ -938,7 +942,7 @@ def write_tiff(
         dst.seek(0)
         dst.truncate()
     dst.seek(0)
-    writer = _Writer(src, dst, buffer_size)
+    writer = _Writer(src, dst, buffer_size, cancel)
     writer.write(header)
     for p in planned:
         for s, e, d, head in p.runs:
@@ -996,9 +1000,12 @@ def _ifd_block(p: _PlannedIfd, flavor: TiffFlavor, bo: ByteOrder, next_ifd: int)
 class _Writer:
     """Sequential writer with a streaming range copy (bounded memory)."""
 
-    def __init__(self, src: BinaryIO, dst: BinaryIO, buffer_size: int) -> None:
+    def __init__(
+        self, src: BinaryIO, dst: BinaryIO, buffer_size: int, cancel: threading.Event | None
+    ) -> None:
         self.src = src
         self.dst = dst
+        self.cancel = cancel
         self.pos = 0
         self.buffer_size = max(64 << 10, buffer_size)
         self._buf: bytearray | None = None
@@ -1032,6 +1039,7 @@ class _Writer:
         done = 0
         start = self.pos
         while done < length:
+            self._check_cancel()
             n = os.copy_file_range(
                 src_fd, dst_fd, min(length - done, 256 << 20), offset + done, start + done
             )
@@ -1041,6 +1049,10 @@ class _Writer:
         self.pos += length
         self.dst.seek(self.pos)
 
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise TiffError("CANCELLED", "the write was cancelled")
+
     def _copy_user(self, offset: int, length: int) -> None:
         if self._buf is None:
             self._buf = bytearray(self.buffer_size)
@@ -1048,6 +1060,7 @@ class _Writer:
         self.src.seek(offset)
         left = length
         while left:
+            self._check_cancel()
             want = min(left, len(view))
             n = self.src.readinto(view[:want])  # type: ignore[attr-defined]
             if not n:
