@@ -151,6 +151,9 @@
   function start(token) {
     $("login").hidden = true;
     setState("loading");
+    // the record panel still shows the login prompt: say it is loading until its answer comes
+    $("record-status").textContent = "loading…";
+    $("record-status").className = "";
     showRecord(token).catch((e) => {
       $("record-status").textContent = "The record could not be loaded: " + e;
     });
