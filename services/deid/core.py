@@ -821,7 +821,8 @@ def _check_rules(rules: Sequence[tuple[str, str]]) -> dict[str, str]:
     for key, action in rules:
         if not RULE_KEY.fullmatch(key):
             raise InvalidArgument(
-                "a rule key is tiff:, svs:, ndpi:, philips: or bif: and a name",
+                "a rule key is tiff:, svs:, ndpi:, qptiff:, philips:, bif:, mrxs: or ome:"
+                " and a name",
                 "BAD_RULE_KEY",
             )
         if action not in RULE_ACTIONS:

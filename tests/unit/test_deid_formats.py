@@ -196,23 +196,65 @@ def _rewrite_description(src: Path, dst: Path, xml: str) -> None:
         write_tiff(fs, fd, outs, byteorder=st.byteorder, flavor=st.flavor)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "reason", "named"),
-    [
-        ({"image_extra": "<Secret>x</Secret>"}, "UNKNOWN_OME_ELEMENT", "Secret"),
-        ({"root_extra": "<Screening/>"}, "UNKNOWN_OME_ELEMENT", "Screening"),
-        ({"channel": ' PatientName="Doe"'}, "UNKNOWN_OME_ATTRIBUTE", "PatientName"),
-        ({"root_extra": "<BinaryOnly/>"}, "UNSUPPORTED_STRUCTURE", "BinaryOnly"),
-    ],
-)
-def test_ome_unknown_content_rejected_naming_it(
-    tmp_path: Path, kwargs: dict[str, str], reason: str, named: str
-) -> None:
-    src = F.make_ome_pyramid(tmp_path / "in.ome.tiff", xml=ome_doc(**kwargs))
+def test_ome_binary_only_rejected_naming_it(tmp_path: Path) -> None:
+    src = F.make_ome_pyramid(tmp_path / "in.ome.tiff", xml=ome_doc(root_extra="<BinaryOnly/>"))
     with pytest.raises(DeidRejected) as e:
         deidentify(src, tmp_path / "o.ome.tiff", SlideFormat.OME_TIFF, P)
+    assert e.value.reason == "UNSUPPORTED_STRUCTURE"
+    assert "BinaryOnly" in e.value.detail
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "reason", "value"),
+    [
+        (
+            {"image_extra": "<Secret>case of Jane Roe-4471</Secret>"},
+            "ome:Image/Secret",
+            "UNKNOWN_OME_ELEMENT",
+            b"Jane Roe-4471",
+        ),
+        (
+            {"root_extra": '<Screening Reader="Dr Q. Examplewoman"/>'},
+            "ome:OME/Screening",
+            "UNKNOWN_OME_ELEMENT",
+            b"Examplewoman",
+        ),
+        (
+            {"channel": ' PatientName="Doe^Janet-9931"'},
+            "ome:Channel[PatientName]",
+            "UNKNOWN_OME_ATTRIBUTE",
+            b"Doe^Janet-9931",
+        ),
+    ],
+)
+def test_ome_unknown_content_is_held_for_review_then_removed_by_rule(
+    tmp_path: Path, kwargs: dict[str, str], key: str, reason: str, value: bytes
+) -> None:
+    src = F.make_ome_pyramid(tmp_path / "in.ome.tiff", xml=ome_doc(**kwargs))
+    dst = tmp_path / "o.ome.tiff"
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(src, dst, SlideFormat.OME_TIFF, P)
+    assert [i.key for i in e.value.items] == [key]
     assert e.value.reason == reason
-    assert named in e.value.detail
+    assert value.decode() not in str(e.value) and not dst.exists()
+    remove = DeidPolicy(approved_rules=((key, "remove"),))
+    report = deidentify_and_verify(src, dst, SlideFormat.OME_TIFF, P, remove)
+    data = dst.read_bytes()
+    assert value not in data and key.split("/")[-1].split("[")[-1].rstrip("]").encode() not in data
+    # the verifier searched the output for the dropped text
+    assert any(value in v for v in report.identifying_values)
+    assert sum(n for k, n in report.removed.items() if k.startswith("ome.unknown_")) == 1
+    with pytest.raises(DeidRejected) as r:  # OME-XML content is never kept by a rule
+        deidentify(src, dst, SlideFormat.OME_TIFF, P, DeidPolicy(approved_rules=((key, "keep"),)))
+    assert r.value.reason == reason and "only remove" in r.value.detail
+
+
+def test_ome_foreign_namespace_element_still_rejected(tmp_path: Path) -> None:
+    extra = '<x:Secret xmlns:x="urn:example:vendor">Jane Roe</x:Secret>'
+    src = F.make_ome_pyramid(tmp_path / "in.ome.tiff", xml=ome_doc(image_extra=extra))
+    with pytest.raises(DeidRejected) as e:
+        deidentify(src, tmp_path / "o.ome.tiff", SlideFormat.OME_TIFF, P)
+    assert e.value.reason == "UNKNOWN_OME_ELEMENT" and "Jane Roe" not in str(e.value)
     assert "Doe" not in str(e.value) and "Alice" not in str(e.value)
     assert not (tmp_path / "o.ome.tiff").exists()
 

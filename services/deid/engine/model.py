@@ -84,7 +84,7 @@ RULE_KEEP = "keep"
 # A rule key: "<kind>:<name>", the name a short printable vendor identifier. Items whose name
 # does not fit are not "unknown but plausible": they are treated as hostile (rejected).
 RULE_KEY = re.compile(
-    r"^(tiff|svs|ndpi|qptiff|philips|bif|mrxs):[A-Za-z0-9][A-Za-z0-9 ._\-()\[\]/#+:]{0,63}$"
+    r"^(tiff|svs|ndpi|qptiff|philips|bif|mrxs|ome):[A-Za-z0-9][A-Za-z0-9 ._\-()\[\]/#+:]{0,63}$"
 )
 # More distinct unknown items than this in one slide is not a scanner's output.
 MAX_REVIEW_ITEMS = 64
@@ -153,7 +153,7 @@ class DeidPolicy:
 
     def kept(self, kind: str) -> frozenset[str]:
         """Names of the items of ``kind`` ("tiff", "svs", "ndpi", "qptiff", "philips", "bif",
-        "mrxs") a steward rule keeps."""
+        "mrxs", "ome") a steward rule keeps."""
         prefix = f"{kind}:"
         return frozenset(
             k[len(prefix) :]

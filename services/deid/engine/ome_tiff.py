@@ -142,9 +142,41 @@ class OmeResult:
 
 
 def _reject_unknown(kind: str, name: str, where: str) -> DeidRejected:
-    safe = "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
+    safe = _safe(name)
     code = UNKNOWN_OME_ELEMENT if kind == "element" else UNKNOWN_OME_ATTRIBUTE
     return DeidRejected(code, f"OME-XML {kind} {safe!r} in {where}")
+
+
+def _unknown(
+    doc: _Doc, kind: str, path: str, name: str, where: str, dropped: XmlNode | str
+) -> None:
+    """An element or attribute of the OME namespace that no rule knows: held for review
+    under the key ``ome:<parent>/<element>`` or ``ome:<element>[<attribute>]`` (never its
+    value), dropped with a steward's "remove" rule. OME-XML content is never kept by a
+    rule: the rebuilt document only holds what the cleaner knows how to write."""
+    code = UNKNOWN_OME_ELEMENT if kind == "element" else UNKNOWN_OME_ATTRIBUTE
+    key = f"{path}/{name}" if kind == "element" else f"{path}[{name}]"
+    if doc.tally.unknown("ome", key, code, f"OME-XML {kind} in {where}"):
+        raise DeidRejected(
+            code, f"OME-XML {kind} {_safe(key)!r} in {where}: a rule can only remove it"
+        )
+    doc.tally.remove(f"ome.unknown_{kind}")
+    texts = [dropped] if isinstance(dropped, str) else _texts(dropped)
+    for text in texts:
+        if len(text) >= 6 and any(c.isalpha() for c in text):
+            doc.tally.identifying(text)
+
+
+def _texts(node: XmlNode) -> list[str]:
+    out: list[str] = []
+    for n in node.iter():
+        out.extend(v.strip() for v in n.attrs.values())
+        out.append(n.text.strip())
+    return [t for t in out if t]
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
 
 
 def _collect(node: XmlNode, tally: Tally) -> None:
@@ -159,13 +191,23 @@ def _collect(node: XmlNode, tally: Tally) -> None:
                 tally.identifying(text)
 
 
-def _check_attrs(node: XmlNode, allowed: frozenset[str], where: str) -> dict[str, str]:
+def _check_attrs(
+    node: XmlNode,
+    allowed: frozenset[str],
+    where: str,
+    doc: _Doc | None = None,
+    path: str = "",
+) -> dict[str, str]:
+    """The known attributes; an unknown one is held for review (with ``doc``) or rejects."""
     out: dict[str, str] = {}
     for k, v in node.attrs.items():
         if k == "ID":
             continue  # regenerated
         if k not in allowed:
-            raise _reject_unknown("attribute", k, where)
+            if doc is None:
+                raise _reject_unknown("attribute", k, where)
+            _unknown(doc, "attribute", path, k, where, v)
+            continue
         out[k] = v
     return out
 
@@ -228,9 +270,9 @@ def clean_ome_xml(text: str, n_ifds: int, tally: Tally, policy: DeidPolicy) -> O
     if root.name != "OME" or not OME_NS.match(root.ns):
         raise DeidRejected(MALFORMED_OME_XML, "the root element is not OME of a known schema")
     doc = _Doc(root.ns, policy, tally)
-    for k in root.attrs:
+    for k, v in root.attrs.items():
         if k not in _ROOT_ATTRS:
-            raise _reject_unknown("attribute", k, "OME")
+            _unknown(doc, "attribute", "OME", k, "OME", v)
     doc.src_uuid = root.attrs.get("UUID")
     tally.identifying(doc.src_uuid)  # links the output to the original file
     if "Creator" in root.attrs:
@@ -253,7 +295,7 @@ def clean_ome_xml(text: str, n_ifds: int, tally: Tally, policy: DeidPolicy) -> O
         elif name == "BinaryOnly":
             raise DeidRejected(UNSUPPORTED_STRUCTURE, "multi-file OME-TIFF (BinaryOnly)")
         else:
-            raise _reject_unknown("element", name, "OME")
+            _unknown(doc, "element", "OME", name, "OME", child)
     if not images:
         raise DeidRejected(MALFORMED_OME_XML, "OME-XML describes no image")
     dropped = {i for a, b in dropped_ranges for i in range(a, b)}
@@ -273,7 +315,7 @@ def _render_image(
     image: XmlNode, k: int, doc: _Doc, new_index: dict[int, int], renumber: bool
 ) -> str:
     where = f"Image {k}"
-    attrs = _check_attrs(image, frozenset({"Name"}), where)
+    attrs = _check_attrs(image, frozenset({"Name"}), where, doc, "Image")
     if "Name" in attrs:
         doc.tally.pseudonymize("ome.image_name", attrs["Name"])
     _no_text(image, where)
@@ -296,7 +338,7 @@ def _render_image(
             doc.tally.remove(f"ome.image.{name}")
             _collect(child, doc.tally)
         else:
-            raise _reject_unknown("element", name, where)
+            _unknown(doc, "element", "Image", name, where, child)
     if not pixels_seen:
         raise DeidRejected(MALFORMED_OME_XML, f"{where} has no Pixels element")
     head = f'<Image ID="Image:{k}" Name="image-{k}">'
@@ -314,7 +356,7 @@ def _render_pixels(
     px: XmlNode, k: int, doc: _Doc, new_index: dict[int, int], renumber: bool
 ) -> str:
     where = f"Image {k} Pixels"
-    attrs = _check_attrs(px, _PIXELS_ATTRS, where)
+    attrs = _check_attrs(px, _PIXELS_ATTRS, where, doc, "Pixels")
     _validated(attrs, where)
     _no_text(px, where)
     out: list[str] = [f'<Pixels ID="Pixels:{k}"{_attr_text(attrs)}>']
@@ -336,14 +378,14 @@ def _render_pixels(
         elif name == "BinData":
             raise DeidRejected(UNSUPPORTED_STRUCTURE, "OME BinData (pixels inside the XML)")
         else:
-            raise _reject_unknown("element", name, where)
+            _unknown(doc, "element", "Pixels", name, where, child)
     out.append("</Pixels>")
     return "".join(out)
 
 
 def _render_channel(ch: XmlNode, k: int, c: int, doc: _Doc) -> str:
     where = f"Image {k} Channel {c}"
-    attrs = _check_attrs(ch, _CHANNEL_ATTRS, where)
+    attrs = _check_attrs(ch, _CHANNEL_ATTRS, where, doc, "Channel")
     _validated(attrs, where, frozenset({"Name", "Fluor"}))
     for key in ("Name", "Fluor"):
         if key in attrs and not _VALUE.match(attrs[key]):
@@ -359,7 +401,7 @@ def _render_channel(ch: XmlNode, k: int, c: int, doc: _Doc) -> str:
         elif name in _CHANNEL_DROP:
             doc.tally.remove(f"ome.channel.{name}")
         else:
-            raise _reject_unknown("element", name, where)
+            _unknown(doc, "element", "Channel", name, where, child)
     body = "<LightPath/>" if light_path else ""
     return f'<Channel ID="Channel:{k}:{c}"{_attr_text(attrs)}>{body}</Channel>'
 
@@ -404,14 +446,16 @@ def _render_plane(pl: XmlNode, where: str, doc: _Doc) -> str:
         if key == "HashSHA1":
             continue
         if key not in _PLANE_ATTRS:
-            raise _reject_unknown("attribute", key, f"{where} Plane")
+            _unknown(doc, "attribute", "Plane", key, f"{where} Plane", v)
+            continue
         attrs[key] = v
     _validated(attrs, f"{where} Plane")
     _no_text(pl, where)
     for child in pl.children:
         name = doc.local(child, f"{where} Plane")
         if name not in ("AnnotationRef", "HashSHA1"):
-            raise _reject_unknown("element", name, f"{where} Plane")
+            _unknown(doc, "element", "Plane", name, f"{where} Plane", child)
+            continue
         doc.tally.remove(f"ome.plane.{name}")
     return f"<Plane{_attr_text(attrs)}/>"
 
