@@ -215,6 +215,56 @@ def test_unknown_layer_fails_closed(tmp_path: Path) -> None:
     assert "PLANT" not in exc.detail
 
 
+def _held_then_removed(src: Path, tmp: Path, key: str, value: bytes | None) -> None:
+    """Held for review naming ``key`` (never ``value``); a remove rule lets it through,
+    verified, with the value and the name gone; a keep rule is refused."""
+    dst = tmp / "o.zip"
+    with pytest.raises(DeidNeedsReview) as exc:
+        deidentify_and_verify(src, dst, SlideFormat.MIRAX, P)
+    assert [i.key for i in exc.value.items] == [key]
+    assert value is None or value.decode() not in str(exc.value)
+    assert not dst.exists()
+    remove = DeidPolicy(approved_rules=((key, "remove"),))
+    report = deidentify_and_verify(src, dst, SlideFormat.MIRAX, P, remove)
+    blobs = b"".join(data for _, data in _all_bytes(dst))
+    assert value is None or value not in blobs
+    assert key.split(".", 1)[1].encode() not in blobs
+    assert sum(n for k, n in report.removed.items() if k.startswith("mrxs_unknown.")) == 1
+    with pytest.raises(DeidRejected) as kept:
+        deidentify(
+            src, tmp / "k.zip", SlideFormat.MIRAX, P, DeidPolicy(approved_rules=((key, "keep"),))
+        )
+    assert "only remove" in kept.value.detail
+
+
+def test_unknown_level_key_is_held_then_removed_by_rule(fx: wsigen.Fixture, tmp_path: Path) -> None:
+    src = _variant(
+        fx,
+        tmp_path,
+        lambda t: t.replace("OVERLAP_X=0", "OVERLAP_X=0\r\nFOCUS_NOTE=operator Q. Plantname", 1),
+    )
+    _held_then_removed(src, tmp_path, "mrxs:LEVEL.FOCUS_NOTE", b"Q. Plantname")
+
+
+def test_unknown_section_is_held_then_removed_by_rule(fx: wsigen.Fixture, tmp_path: Path) -> None:
+    src = _variant(
+        fx, tmp_path, lambda t: t + "\r\n[PLANT_VENDOR_NOTES]\r\nNOTE=case of Mrs Plantwoman\r\n"
+    )
+    _held_then_removed(src, tmp_path, "mrxs:SECTION.PLANT_VENDOR_NOTES", b"Mrs Plantwoman")
+
+
+def test_unknown_layer_with_records_is_held_then_removed_by_rule(
+    fx: wsigen.Fixture, tmp_path: Path
+) -> None:
+    # the camera position layer under a name no rule knows: its records exist in the index
+    src = _variant(
+        fx,
+        tmp_path,
+        lambda t: t.replace("=VIMSLIDE_POSITION_BUFFER", "=PLANT_VENDOR_LAYER", 1),
+    )
+    _held_then_removed(src, tmp_path, "mrxs:LAYER.PLANT_VENDOR_LAYER", None)
+
+
 def test_jpeg_comment_in_a_tile_is_rejected(tmp_path: Path) -> None:
     fx = wsigen.mrxs_slide(tmp_path, np.random.default_rng(24), comment_in_tile=True)
     assert _rejected(fx.path, tmp_path).reason == M.UNEXPECTED_MRXS_VALUE

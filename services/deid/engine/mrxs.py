@@ -335,7 +335,18 @@ def clean_general(p: Parsed, pseudonymizer: Pseudonymizer, tally: Tally) -> list
     return out
 
 
-def clean_level(p: Parsed, n: int, section: str) -> list[tuple[str, str]]:
+def _held(tally: Tally, key: str, reason: str, where: str, values: list[str]) -> None:
+    """A level key, layer or section no rule knows: held for review under ``mrxs:<key>``; a
+    steward's "remove" rule drops it. Only [GENERAL] keys can be kept by a rule: the rest
+    shapes how the pyramid is read, and the output describes only what is known."""
+    if tally.unknown("mrxs", key, reason, where):
+        raise DeidRejected(reason, f"{where}: a rule can only remove {key_label(key)}")
+    tally.remove(f"mrxs_unknown.{key.split('.', 1)[0].lower()}")
+    for value in values:
+        _identifying(tally, value)
+
+
+def clean_level(p: Parsed, n: int, section: str, tally: Tally) -> list[tuple[str, str]]:
     keys = p.ini.sections.get(section)
     if keys is None:
         raise DeidRejected(MALFORMED_FILE, f"Slidedat.ini has no section for zoom level {n}")
@@ -343,10 +354,9 @@ def clean_level(p: Parsed, n: int, section: str) -> list[tuple[str, str]]:
     for key, value in keys.items():
         pattern = LEVEL_KEEP.get(key)
         if pattern is None:
-            raise DeidRejected(
-                UNKNOWN_MRXS_KEY,
-                f"Slidedat.ini [zoom level {n}] {key_label(key)} is not a known key",
-            )
+            where = f"Slidedat.ini [zoom level {n}]"
+            _held(tally, f"LEVEL.{key}", UNKNOWN_MRXS_KEY, where, [value])
+            continue
         if not pattern.match(value):
             if key == "IMAGE_FORMAT":
                 raise DeidRejected(UNSUPPORTED_COMPRESSION, f"zoom level {n} images are not JPEG")
@@ -422,7 +432,6 @@ def deidentify_mrxs(
     members = {m.name: m for m in lay.members}
     p = parse(_small(src, members, f"{d}/Slidedat.ini", "Slidedat.ini", bundle.SLIDEDAT_MAX_BYTES))
     general = clean_general(p, pseudonymizer, tally)
-    tally.raise_for_review()  # keys no rule knows: the slide is held, nothing is written
     sources = _sources(src, members, [f"{d}/{n}" for n in p.datafiles], scratch)
     index = _Index(
         _small(src, members, f"{d}/{p.index_name}", "the index file", _MAX_INDEX_BYTES), p.slide_id
@@ -433,7 +442,7 @@ def deidentify_mrxs(
     levels: list[list[Item]] = []
     level_keys: list[list[tuple[str, str]]] = []
     for n, (_val, section) in enumerate(zoom.values):
-        level_keys.append(clean_level(p, n, section))
+        level_keys.append(clean_level(p, n, section, tally))
         items = _items(index, hier_root, n, True, len(p.datafiles), sizes)
         if not items:
             raise DeidRejected(MALFORMED_FILE, f"zoom level {n} has no image")
@@ -465,11 +474,11 @@ def deidentify_mrxs(
                 for it in items:
                     _check_position_data(sources[it.file], it, layer.name)
             kept_layers.append((layer.name, recs))
-        elif layer.name != SCAN_DATA_LAYER:
-            raise DeidRejected(
-                UNKNOWN_MRXS_LAYER, f"Slidedat.ini NONHIER_{i}_NAME is not a known layer"
-            )
-    _check_sections(p)
+        elif layer.name != SCAN_DATA_LAYER:  # its records are not kept (their bytes zeroed)
+            # (the values of its sections were collected above)
+            where = f"Slidedat.ini NONHIER_{i}"
+            _held(tally, f"LAYER.{layer.name}", UNKNOWN_MRXS_LAYER, where, [])
+    _check_sections(p, tally)
     for key in p.ini.sections["HIERARCHICAL"]:
         if not _HIER_KEY.match(key):
             raise DeidRejected(
@@ -480,6 +489,7 @@ def deidentify_mrxs(
             raise DeidRejected(
                 UNKNOWN_MRXS_KEY, f"Slidedat.ini [DATAFILE] {key_label(key)} is not a known key"
             )
+    tally.raise_for_review()  # items no rule knows: the slide is held, nothing is written
     # tiles are copied verbatim: text segments inside them cannot be stripped in place
     for n, items in enumerate(levels):
         by_file: dict[int, list[tuple[int, int]]] = {}
@@ -529,12 +539,15 @@ def deidentify_mrxs(
     )
 
 
-def _check_sections(p: Parsed) -> None:
+def _check_sections(p: Parsed, tally: Tally) -> None:
+    """A section no layer refers to is not written to the output; it is held for review
+    (``mrxs:SECTION.<name>``) until a rule removes it."""
     known = {"GENERAL", "HIERARCHICAL", "DATAFILE"}
     for layer in p.hier + p.nonhier:
         known |= {sec for _v, sec in layer.values if sec}
-    if set(p.ini.sections) - known:
-        raise DeidRejected(UNKNOWN_MRXS_KEY, "Slidedat.ini holds a section no layer refers to")
+    for name in sorted(set(p.ini.sections) - known):
+        values = list(p.ini.sections[name].values())
+        _held(tally, f"SECTION.{name}", UNKNOWN_MRXS_KEY, "Slidedat.ini", values)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
