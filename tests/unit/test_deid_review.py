@@ -20,7 +20,9 @@ from services.deid.engine import (
     DeidRejected,
     deidentify,
     deidentify_and_verify,
+    ventana,
 )
+from services.deid.engine.model import Tally
 from services.metadata.core import Catalogue
 from services.metadata.mapping import slide_to_proto
 from services.shared.access import StaticAccessChecker
@@ -39,6 +41,7 @@ from services.shared.events import (
 from services.shared.outbox import Outbox
 from services.shared.pseudonym import Pseudonymizer
 from services.shared.wsi import tiff
+from services.shared.wsi.safexml import parse_xml
 from services.shared.wsi.sniff import SlideFormat
 from services.shared.wsi.tiff import OutTag
 from tessera.access.v1.access_pb2 import Action
@@ -274,6 +277,32 @@ def test_unknown_bif_iscan_attribute_is_held_then_ruled(tmp_path: Path) -> None:
     remove = DeidPolicy(approved_rules=(("bif:StageDrift", "remove"),))
     deidentify_and_verify(src, dst, SlideFormat.VENTANA_BIF, P, remove)
     assert b"StageDrift" not in dst.read_bytes()
+
+
+def test_unknown_bif_xmp_element_is_held_then_removed_by_rule(tmp_path: Path) -> None:
+    # an element inside iScan that no rule knows (ShowLabel closes the attribute list)
+    src = wsigen.make_bif(
+        tmp_path / "v.bif", iscan_extra='ShowLabel="1"><VendorNote Who="Dr Q. Plantperson"/'
+    )
+    dst = tmp_path / "o.bif"
+    with pytest.raises(DeidNeedsReview) as e:
+        deidentify(src, dst, SlideFormat.VENTANA_BIF, P)
+    assert [i.key for i in e.value.items] == ["bif:iScan/VendorNote"]
+    assert "Plantperson" not in str(e.value) and not dst.exists()
+    remove = DeidPolicy(approved_rules=(("bif:iScan/VendorNote", "remove"),))
+    report = deidentify_and_verify(src, dst, SlideFormat.VENTANA_BIF, P, remove)
+    assert b"VendorNote" not in dst.read_bytes() and b"Plantperson" not in dst.read_bytes()
+    assert report.removed["bif.unknown_element"] == 1
+    keep = DeidPolicy(approved_rules=(("bif:iScan/VendorNote", "keep"),))
+    with pytest.raises(DeidRejected, match="only remove"):
+        deidentify(src, dst, SlideFormat.VENTANA_BIF, P, keep)
+    # directly under Metadata, and a namespaced one (rejected: no key can name it)
+    tally = Tally(4)
+    root = parse_xml('<Metadata><ScanLog Note="operator Plantperson"/></Metadata>')
+    assert ventana._clean_node(root, tally).children == []
+    assert [i.key for i in tally.review_items] == ["bif:Metadata/ScanLog"]
+    with pytest.raises(DeidRejected):
+        ventana._clean_node(parse_xml('<Metadata><v:X xmlns:v="urn:v"/></Metadata>'), Tally(4))
 
 
 # --- review -> approve / reject --------------------------------------------------------------

@@ -102,6 +102,26 @@ def ifd_kind(ifd: TiffIfd) -> str:
     return ASSOCIATED.get(desc.lower(), "unknown")
 
 
+def _unknown_element(parent: str, child: XmlNode, tally: Tally) -> None:
+    """An XMP element no rule knows (no namespace, a plain name): held for review under
+    ``bif:<parent>/<name>``, never its content; a steward's "remove" rule drops the whole
+    element (its texts searched for in the output by the verifier); elements are never
+    kept by a rule (the rebuilt XMP only holds what the cleaner knows)."""
+    if child.ns or not _ATTR_NAME.match(child.name):
+        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {_safe(child.name)!r}")
+    key = f"{parent}/{child.name}"
+    if tally.unknown("bif", key, UNKNOWN_BIF_ELEMENT, "BIF XMP element"):
+        raise DeidRejected(
+            UNKNOWN_BIF_ELEMENT, f"BIF XMP element {key!r}: a rule can only remove it"
+        )
+    tally.remove("bif.unknown_element")
+    for n in child.iter():
+        for text in (*n.attrs.values(), n.text):
+            text = text.strip()
+            if len(text) >= 6 and any(c.isalpha() for c in text):
+                tally.identifying(text)
+
+
 def _clean_iscan(node: XmlNode, tally: Tally) -> XmlNode:
     attrs: dict[str, str] = {}
     for key, value in node.attrs.items():
@@ -120,7 +140,8 @@ def _clean_iscan(node: XmlNode, tally: Tally) -> XmlNode:
     out = XmlNode("", "iScan", attrs)
     for child in node.children:
         if not _AOI.match(child.name):
-            raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF iScan element {_safe(child.name)!r}")
+            _unknown_element("iScan", child, tally)
+            continue
         out.children.append(_structural(child, tally, AOI_ATTRS))
     return out
 
@@ -140,7 +161,8 @@ def _structural(node: XmlNode, tally: Tally, allowed: frozenset[str] | None = No
             out.children.append(_clean_iscan(child, tally))
             continue
         if child.ns or (child.name not in ENCODE_ELEMENTS and not _AOI.match(child.name)):
-            raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF element {_safe(child.name)!r}")
+            _unknown_element(node.name, child, tally)
+            continue
         out.children.append(
             _structural(child, tally, AOI_ATTRS if _AOI.match(child.name) else None)
         )
@@ -155,7 +177,13 @@ def _clean_node(node: XmlNode, tally: Tally) -> XmlNode:
     if node.name == "EncodeInfo":
         return _structural(node, tally)
     if node.name == "Metadata" and not node.attrs and not node.text.strip():
-        return XmlNode("", "Metadata", {}, [_clean_node(c, tally) for c in node.children])
+        kids = []
+        for child in node.children:
+            if child.name in ("iScan", "EncodeInfo", "Metadata"):
+                kids.append(_clean_node(child, tally))
+            else:
+                _unknown_element("Metadata", child, tally)
+        return XmlNode("", "Metadata", {}, kids)
     raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {_safe(node.name)!r}")
 
 
