@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from grpc import aio
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from services.metadata.core import Catalogue
 from services.metadata.federation import Federation, FederationConfig
@@ -25,6 +25,9 @@ NAME = "metadata"
 class MetadataOptions(BaseModel):
     # The node's pseudonym key, so searches by a partner's own case id work.
     pseudonym_key: SecretStr | None = None
+    # slides whose events are projected at once (each event is a few store round trips;
+    # one at a time, the catalogue fell behind a sustained ~4 slides/s load)
+    consumer_concurrency: int = Field(default=8, ge=1, le=64)
 
 
 class FederationOptions(BaseModel):
@@ -95,7 +98,7 @@ def bootstrap(
         site=settings.site,
         federation=federation,
     )
-    a.consume(handlers(catalogue))
+    a.consume(handlers(catalogue), concurrency=settings.metadata.consumer_concurrency)
 
     def register(server: aio.Server) -> None:
         metadata_pb2_grpc.add_MetadataServiceServicer_to_server(MetadataServicer(catalogue), server)

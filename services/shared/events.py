@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,14 @@ class EventRunner:
     Domain errors (`TesseraError` but not `Unavailable`) are permanent: dead-lettered at once.
     Anything else is retried with exponential backoff, then dead-lettered after
     `retry.max_attempts`, so one poisonous message never blocks its partition for long.
+
+    With ``concurrency`` > 1 the messages of one fetched batch run in lanes, one per slide
+    (the envelope's slide id; a message that does not decode is a lane of its own), at most
+    ``concurrency`` lanes at once: a slide's events keep their order, different slides
+    overlap their round trips to the stores. Each partition's offset is committed after the
+    batch up to the last message before which every message of the batch was handled, so
+    nothing is committed before its side effects (the handlers are idempotent: what was not
+    committed is delivered again).
     """
 
     def __init__(
@@ -203,7 +211,11 @@ class EventRunner:
         publisher: Publisher,
         retry: RetryPolicy | None = None,
         on_dead_letter: DeadLetterHook | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self._concurrency = concurrency
         self._on_dead_letter = on_dead_letter
         self._service = service
         self._bus = bus
@@ -250,6 +262,10 @@ class EventRunner:
             while not self._stopping.is_set():
                 await self._report_lag(sub)
                 batch = await sub.fetch(timeout_s=0.5)
+                if self._concurrency > 1 and len(batch) > 1:
+                    if not await self._process_lanes(sub, batch):
+                        return True
+                    continue
                 for msg in batch:
                     if self._stopping.is_set():
                         return True  # not committed: redelivered after restart
@@ -263,6 +279,47 @@ class EventRunner:
         finally:
             with contextlib.suppress(Exception):
                 await sub.stop()
+
+    def _lane(self, msg: Message) -> str:
+        try:
+            slide_id = events_pb2.EventEnvelope.FromString(msg.value).slide_id
+        except Exception:  # noqa: BLE001 - undecodable: its own lane, dead-lettered there
+            slide_id = ""
+        return f"slide:{slide_id}" if slide_id else f"msg:{msg.topic}:{msg.partition}:{msg.offset}"
+
+    async def _process_lanes(self, sub: Subscription, batch: Sequence[Message]) -> bool:
+        """One batch in per-slide lanes (see the class docstring). False when stopping."""
+        lanes: dict[str, list[Message]] = {}
+        for msg in batch:
+            lanes.setdefault(self._lane(msg), []).append(msg)
+        gate = asyncio.Semaphore(self._concurrency)
+        handled: set[tuple[str, int, int]] = set()
+        stopped = False
+
+        async def lane(msgs: list[Message]) -> None:
+            nonlocal stopped
+            async with gate:
+                for msg in msgs:
+                    if stopped or self._stopping.is_set() or not await self._process(msg):
+                        stopped = True
+                        return
+                    handled.add((msg.topic, msg.partition, msg.offset))
+
+        await asyncio.gather(*(lane(m) for m in lanes.values()))
+        partitions: dict[tuple[str, int], list[Message]] = {}
+        for msg in batch:
+            partitions.setdefault((msg.topic, msg.partition), []).append(msg)
+        for msgs in partitions.values():
+            last: Message | None = None
+            for msg in sorted(msgs, key=lambda m: m.offset):
+                if (msg.topic, msg.partition, msg.offset) not in handled:
+                    break
+                last = msg
+            if last is not None:
+                failpoints.hit("events.before_commit", self._service)
+                await sub.commit(last)
+        await self._report_lag(sub)
+        return not stopped
 
     async def _process(self, msg: Message) -> bool:
         """Handle one message. True when it may be committed."""

@@ -78,7 +78,10 @@ class Adapters:
         return box
 
     def consume(
-        self, handlers: Mapping[str, Handler], on_dead_letter: DeadLetterHook | None = None
+        self,
+        handlers: Mapping[str, Handler],
+        on_dead_letter: DeadLetterHook | None = None,
+        concurrency: int = 1,
     ) -> EventRunner:
         runner = EventRunner(
             service=self.name,
@@ -87,6 +90,7 @@ class Adapters:
             handlers=handlers,
             publisher=self.publisher,
             on_dead_letter=on_dead_letter,
+            concurrency=concurrency,
         )
         self._background.append(Background("consumer", runner.run, runner.stop))
         return runner

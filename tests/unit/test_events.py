@@ -440,6 +440,86 @@ async def test_stop_mid_batch_commits_only_what_was_handled(h: Harness) -> None:
     assert [events_pb2.EventEnvelope.FromString(m.value).slide_id for m in again] == ["b", "c"]
 
 
+# -- per-slide lanes (concurrency > 1) ------------------------------------------------------
+
+
+def _lane_runner(
+    h: Harness, handler: Callable[[events_pb2.EventEnvelope], Awaitable[None]]
+) -> EventRunner:
+    return EventRunner(
+        service=SERVICE,
+        bus=h.bus,
+        group=GROUP,
+        handlers={TOPIC_SLIDE_RECEIVED: handler},
+        publisher=h.publisher,
+        retry=FAST,
+        concurrency=4,
+    )
+
+
+async def test_lanes_overlap_slides_and_keep_each_slides_order(h: Harness) -> None:
+    active = 0
+    most = 0
+    order: dict[str, list[str]] = {}
+
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        await asyncio.sleep(0.02)  # a store round trip
+        order.setdefault(env.slide_id, []).append(env.event_id)
+        active -= 1
+
+    sent: dict[str, list[str]] = {}
+    for round_ in range(3):
+        for slide_id in ("a", "b", "c", "d", "e"):
+            env = received(slide_id)
+            env.event_id = f"{slide_id}-{round_}"
+            sent.setdefault(slide_id, []).append(env.event_id)
+            await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
+    runner = _lane_runner(h, handler)
+    task = asyncio.create_task(runner.run())
+    h.runners.append((runner, task))
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 15)
+    assert order == sent  # every slide's events in the order they were sent
+    assert most == 4  # four slides at once, never more
+    assert h.dlq() == []
+
+
+async def test_lanes_commit_only_up_to_the_first_unhandled_message(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        if env.slide_id == "b":
+            await asyncio.sleep(0.05)
+            runner.stop()  # stopping while b's retry or handling is pending
+            raise RuntimeError("b fails, then the runner stops during its backoff")
+        h.seen.append(env)
+
+    runner = _lane_runner(h, handler)
+    for slide_id in ("a", "b", "c", "d"):
+        await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received(slide_id))
+    await asyncio.wait_for(runner.run(), 3)
+    # c and d ran in their own lanes, but b (offset 1) was never handled: only a is committed
+    assert {e.slide_id for e in h.seen} == {"a", "c", "d"}
+    assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1
+    again = await h.redelivered()
+    assert [events_pb2.EventEnvelope.FromString(m.value).slide_id for m in again] == ["b", "c", "d"]
+
+
+async def test_lanes_dead_letter_an_undecodable_message_on_its_own(h: Harness) -> None:
+    async def handler(env: events_pb2.EventEnvelope) -> None:
+        h.seen.append(env)
+
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("a"))
+    await h.publisher.publish(TOPIC_SLIDE_RECEIVED, b"\xff\xff not protobuf")
+    await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("b"))
+    runner = _lane_runner(h, handler)
+    task = asyncio.create_task(runner.run())
+    h.runners.append((runner, task))
+    await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 3)
+    assert sorted(e.slide_id for e in h.seen) == ["a", "b"]
+    assert [header(m, "dlq-reason") for m in h.dlq()] == ["MALFORMED_EVENT"]
+
+
 # -- tracing ------------------------------------------------------------------------------
 
 
