@@ -305,7 +305,10 @@ class EventRunner:
                         return
                     handled.add((msg.topic, msg.partition, msg.offset))
 
-        await asyncio.gather(*(lane(m) for m in lanes.values()))
+        results = await asyncio.gather(*(lane(m) for m in lanes.values()), return_exceptions=True)
+        for result in results:  # every lane has ended: nothing runs on after the subscription
+            if isinstance(result, BaseException):
+                raise result
         partitions: dict[tuple[str, int], list[Message]] = {}
         for msg in batch:
             partitions.setdefault((msg.topic, msg.partition), []).append(msg)
