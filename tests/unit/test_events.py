@@ -79,6 +79,7 @@ class Harness:
         retry: RetryPolicy = FAST,
         topic: str = TOPIC_SLIDE_RECEIVED,
         on_dead_letter: DeadLetterHook | None = None,
+        concurrency: int = 1,
     ) -> tuple[EventRunner, asyncio.Task[None]]:
         runner = EventRunner(
             service=SERVICE,
@@ -88,6 +89,7 @@ class Harness:
             publisher=self.publisher,
             retry=retry,
             on_dead_letter=on_dead_letter,
+            concurrency=concurrency,
         )
         task = asyncio.create_task(runner.run())
         await asyncio.wait_for(runner.ready.wait(), 2)
@@ -443,20 +445,6 @@ async def test_stop_mid_batch_commits_only_what_was_handled(h: Harness) -> None:
 # -- per-slide lanes (concurrency > 1) ------------------------------------------------------
 
 
-def _lane_runner(
-    h: Harness, handler: Callable[[events_pb2.EventEnvelope], Awaitable[None]]
-) -> EventRunner:
-    return EventRunner(
-        service=SERVICE,
-        bus=h.bus,
-        group=GROUP,
-        handlers={TOPIC_SLIDE_RECEIVED: handler},
-        publisher=h.publisher,
-        retry=FAST,
-        concurrency=4,
-    )
-
-
 async def test_lanes_overlap_slides_and_keep_each_slides_order(h: Harness) -> None:
     active = 0
     most = 0
@@ -477,9 +465,7 @@ async def test_lanes_overlap_slides_and_keep_each_slides_order(h: Harness) -> No
             env.event_id = f"{slide_id}-{round_}"
             sent.setdefault(slide_id, []).append(env.event_id)
             await h.emitter.emit(TOPIC_SLIDE_RECEIVED, env)
-    runner = _lane_runner(h, handler)
-    task = asyncio.create_task(runner.run())
-    h.runners.append((runner, task))
+    await h.start(handler, concurrency=4)
     await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 15)
     assert order == sent  # every slide's events in the order they were sent
     assert most == 4  # four slides at once, never more
@@ -494,10 +480,10 @@ async def test_lanes_commit_only_up_to_the_first_unhandled_message(h: Harness) -
             raise RuntimeError("b fails, then the runner stops during its backoff")
         h.seen.append(env)
 
-    runner = _lane_runner(h, handler)
     for slide_id in ("a", "b", "c", "d"):
         await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received(slide_id))
-    await asyncio.wait_for(runner.run(), 3)
+    runner, task = await h.start(handler, concurrency=4)
+    await asyncio.wait_for(task, 3)
     # c and d ran in their own lanes, but b (offset 1) was never handled: only a is committed
     assert {e.slide_id for e in h.seen} == {"a", "c", "d"}
     assert h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 1
@@ -512,9 +498,7 @@ async def test_lanes_dead_letter_an_undecodable_message_on_its_own(h: Harness) -
     await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("a"))
     await h.publisher.publish(TOPIC_SLIDE_RECEIVED, b"\xff\xff not protobuf")
     await h.emitter.emit(TOPIC_SLIDE_RECEIVED, received("b"))
-    runner = _lane_runner(h, handler)
-    task = asyncio.create_task(runner.run())
-    h.runners.append((runner, task))
+    await h.start(handler, concurrency=4)
     await wait_until(lambda: h.bus.committed(GROUP, TOPIC_SLIDE_RECEIVED) == 3)
     assert sorted(e.slide_id for e in h.seen) == ["a", "b"]
     assert [header(m, "dlq-reason") for m in h.dlq()] == ["MALFORMED_EVENT"]
