@@ -26,6 +26,7 @@ from services.deid.engine.model import (
     DeidPolicy,
     DeidRejected,
     Tally,
+    printable_name,
 )
 from services.deid.engine.tiff_common import FormatTagRules, aspect_matches
 from services.shared.wsi import tiff
@@ -180,12 +181,6 @@ def clean_description(text: str, tally: Tally) -> str:
     return AperioDescription(desc.header, desc.newline, desc.summary, tuple(kept)).render()
 
 
-def _safe_key(key: str) -> str:
-    """Keys are vendor vocabulary; still, never echo more than a short printable name."""
-    cleaned = "".join(ch if ch.isprintable() else "?" for ch in key)
-    return cleaned[:64]
-
-
 def verify_description(text: str, kept: frozenset[str] = frozenset()) -> str | None:
     """For the verifier: None when the description only holds safe content, else a reason.
     ``kept``: fields a data steward's rule keeps (any value)."""
@@ -201,7 +196,7 @@ def verify_description(text: str, kept: frozenset[str] = frozenset()) -> str | N
         if key in kept and key not in SVS_KEEP:
             continue
         if key not in SVS_KEEP or not SVS_KEEP[key].match(value):
-            return f"ImageDescription field {_safe_key(key)!r}"
+            return f"ImageDescription field {printable_name(key)!r}"
     return None
 
 

@@ -134,10 +134,6 @@ def _drop_section(line: str, tally: Tally, policy: DeidPolicy) -> None:
     )
 
 
-def _printable(key: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in key)[:64]
-
-
 def _property_handler_factory(policy: DeidPolicy) -> TagHandler:
     def handler(tag: TiffTag, tally: Tally) -> OutTag | None:
         if tag.dtype != tiff.ASCII:

@@ -200,6 +200,12 @@ class DeidReport:
         }
 
 
+def printable_name(name: str) -> str:
+    """A vendor name as it may appear in an error detail: printable characters only (the others
+    shown as "?"), at most 64 of them."""
+    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
+
+
 class Tally:
     """Collects category counts and identifying values while a slide is processed."""
 

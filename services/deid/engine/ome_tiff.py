@@ -35,6 +35,7 @@ from services.deid.engine.model import (
     DeidPolicy,
     DeidRejected,
     Tally,
+    printable_name,
 )
 from services.shared.wsi import tiff
 from services.shared.wsi.safexml import XmlNode, XmlRejected, escape_attr, parse_xml
@@ -142,7 +143,7 @@ class OmeResult:
 
 
 def _reject_unknown(kind: str, name: str, where: str) -> DeidRejected:
-    safe = _safe(name)
+    safe = printable_name(name)
     code = UNKNOWN_OME_ELEMENT if kind == "element" else UNKNOWN_OME_ATTRIBUTE
     return DeidRejected(code, f"OME-XML {kind} {safe!r} in {where}")
 
@@ -158,7 +159,7 @@ def _unknown(
     key = f"{path}/{name}" if kind == "element" else f"{path}[{name}]"
     if doc.tally.unknown("ome", key, code, f"OME-XML {kind} in {where}"):
         raise DeidRejected(
-            code, f"OME-XML {kind} {_safe(key)!r} in {where}: a rule can only remove it"
+            code, f"OME-XML {kind} {printable_name(key)!r} in {where}: a rule can only remove it"
         )
     doc.tally.remove(f"ome.unknown_{kind}")
     texts = [dropped] if isinstance(dropped, str) else _texts(dropped)
@@ -173,10 +174,6 @@ def _texts(node: XmlNode) -> list[str]:
         out.extend(v.strip() for v in n.attrs.values())
         out.append(n.text.strip())
     return [t for t in out if t]
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
 
 
 def _collect(node: XmlNode, tally: Tally) -> None:

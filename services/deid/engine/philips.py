@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.deid.engine.model import UNEXPECTED_TAG_VALUE, DeidRejected, Tally
+from services.deid.engine.model import UNEXPECTED_TAG_VALUE, DeidRejected, Tally, printable_name
 from services.deid.engine.tiff_common import FormatTagRules, device_text_ok
 from services.shared.wsi import tiff
 from services.shared.wsi.safexml import XmlNode, XmlRejected, parse_xml, render
@@ -93,10 +93,6 @@ _ASSOC_DESC = re.compile(r"^\s*(Label|Macro)\b", re.IGNORECASE)
 _DATE_ATTR = re.compile(r"^\"?(\d{4})\d{4}")
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
-
-
 def associated_kind(ifd: TiffIfd) -> str | None:
     m = _ASSOC_DESC.match(ifd.description or "")
     return m.group(1).lower() if m else None
@@ -111,25 +107,26 @@ def _image_type(obj: XmlNode) -> str:
 
 def _clean_object(obj: XmlNode, tally: Tally) -> XmlNode:
     if obj.name != "DataObject" or set(obj.attrs) != {"ObjectType"}:
-        raise DeidRejected(MALFORMED_PHILIPS_XML, f"element {_safe(obj.name)!r}")
+        raise DeidRejected(MALFORMED_PHILIPS_XML, f"element {printable_name(obj.name)!r}")
     kind = obj.attrs["ObjectType"]
     if kind not in OBJECT_TYPES:
-        raise DeidRejected(UNKNOWN_PHILIPS_ATTRIBUTE, f"DataObject type {_safe(kind)!r}")
+        raise DeidRejected(UNKNOWN_PHILIPS_ATTRIBUTE, f"DataObject type {printable_name(kind)!r}")
     if obj.text.strip():
         raise DeidRejected(MALFORMED_PHILIPS_XML, "text inside a DataObject")
     out = XmlNode("", "DataObject", {"ObjectType": kind})
     for attr in obj.children:
         if attr.name != "Attribute" or set(attr.attrs) - _ATTR_ATTRS or "Name" not in attr.attrs:
-            raise DeidRejected(MALFORMED_PHILIPS_XML, f"element {_safe(attr.name)!r}")
+            raise DeidRejected(MALFORMED_PHILIPS_XML, f"element {printable_name(attr.name)!r}")
         name = attr.attrs["Name"]
         head = {k: v for k, v in attr.attrs.items() if k != "Name"}
         for v in head.values():
             if not re.match(r"^[A-Za-z0-9x]{0,32}$", v):
-                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"Philips attribute {_safe(name)!r}")
+                shown = printable_name(name)
+                raise DeidRejected(UNEXPECTED_TAG_VALUE, f"Philips attribute {shown!r}")
         if name in CONTAINERS:
             arrays = attr.children
             if len(arrays) != 1 or arrays[0].name != "Array" or arrays[0].attrs:
-                raise DeidRejected(MALFORMED_PHILIPS_XML, f"{_safe(name)} is not an array")
+                raise DeidRejected(MALFORMED_PHILIPS_XML, f"{printable_name(name)} is not an array")
             new_array = XmlNode("", "Array", {})
             for item in arrays[0].children:
                 image_type = _image_type(item)
@@ -152,8 +149,9 @@ def _clean_object(obj: XmlNode, tally: Tally) -> XmlNode:
         elif tally.unknown("philips", name, UNKNOWN_PHILIPS_ATTRIBUTE, "Philips XML attribute"):
             # a data steward's rule keeps it: a plain value only, never nested structure
             if attr.children:
+                shown = printable_name(name)
                 raise DeidRejected(
-                    UNKNOWN_PHILIPS_ATTRIBUTE, f"Philips attribute {_safe(name)!r} has structure"
+                    UNKNOWN_PHILIPS_ATTRIBUTE, f"Philips attribute {shown!r} has structure"
                 )
             out.children.append(XmlNode("", "Attribute", dict(attr.attrs), [], attr.text.strip()))
         else:  # a steward's rule removes it, or it is held for review
@@ -183,14 +181,14 @@ def verify_description(text: str, kept: frozenset[str] = frozenset()) -> str | N
         if node.name == "Attribute":
             name = node.attrs.get("Name", "")
             if name not in KEEP and name not in CONTAINERS and name not in kept:
-                return f"Philips attribute {_safe(name)!r} is not on the keep-list"
+                return f"Philips attribute {printable_name(name)!r} is not on the keep-list"
         elif node.name == "DataObject":
             if node.attrs.get("ObjectType") not in OBJECT_TYPES:
                 return "Philips DataObject type"
             if _image_type(node) in ASSOCIATED_IMAGE_TYPES:
                 return "Philips label/macro scanned image in the XML"
         elif node.name != "Array":
-            return f"Philips element {_safe(node.name)!r}"
+            return f"Philips element {printable_name(node.name)!r}"
     return None
 
 

@@ -32,6 +32,7 @@ from services.deid.engine.model import (
     UNEXPECTED_TAG_VALUE,
     DeidRejected,
     Tally,
+    printable_name,
 )
 from services.deid.engine.tiff_common import FormatTagRules
 from services.shared.wsi import tiff
@@ -65,10 +66,6 @@ REMOVE_IDENTIFYING = frozenset({"Identifier", "SlideID", "Barcode", "ComputerNam
 REMOVE_OTHER = frozenset({"ValidationCode"})
 FILTER_KEEP = frozenset({"Name", "Response", "FilterID"})
 _TEXT = re.compile(r"^[A-Za-z0-9 .,:;/+\-_()#%]{0,256}$")
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
 
 
 def parse_page(ifd: TiffIfd) -> XmlNode:
@@ -137,9 +134,8 @@ def _responsivity(node: XmlNode, where: str, tally: Tally) -> list[str]:
     out = ["  <Responsivity>"]
     for flt in node.children:
         if flt.name != "Filter" or flt.attrs or flt.text.strip():
-            raise DeidRejected(
-                UNKNOWN_QPTIFF_ELEMENT, f"{where}: Responsivity element {_safe(flt.name)!r}"
-            )
+            shown = printable_name(flt.name)
+            raise DeidRejected(UNKNOWN_QPTIFF_ELEMENT, f"{where}: Responsivity element {shown!r}")
         out.append("    <Filter>")
         for item in flt.children:
             if item.name in FILTER_KEEP:
@@ -149,7 +145,7 @@ def _responsivity(node: XmlNode, where: str, tally: Tally) -> list[str]:
                 tally.remove("qptiff.calibration_date", item.text.strip())
             else:
                 raise DeidRejected(
-                    UNKNOWN_QPTIFF_ELEMENT, f"{where}: Filter element {_safe(item.name)!r}"
+                    UNKNOWN_QPTIFF_ELEMENT, f"{where}: Filter element {printable_name(item.name)!r}"
                 )
         out.append("    </Filter>")
     out.append("  </Responsivity>")
@@ -228,5 +224,5 @@ def verify_page_xml(text: str, kept: frozenset[str] = frozenset()) -> str | None
                 if flt.name != "Filter" or {i.name for i in flt.children} - FILTER_KEEP:
                     return "QPTIFF Responsivity holds more than filter names"
         elif (child.name not in KEEP and child.name not in kept) or child.children:
-            return f"QPTIFF element {_safe(child.name)!r}"
+            return f"QPTIFF element {printable_name(child.name)!r}"
     return None

@@ -24,7 +24,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.deid.engine.model import UNEXPECTED_IFD, UNEXPECTED_TAG_VALUE, DeidRejected, Tally
+from services.deid.engine.model import (
+    UNEXPECTED_IFD,
+    UNEXPECTED_TAG_VALUE,
+    DeidRejected,
+    Tally,
+    printable_name,
+)
 from services.deid.engine.tiff_common import FormatTagRules
 from services.shared.wsi import tiff
 from services.shared.wsi.safexml import XmlNode, XmlRejected, parse_xml, render
@@ -90,10 +96,6 @@ ENCODE_ELEMENTS = frozenset(
 )
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in name)[:64]
-
-
 def ifd_kind(ifd: TiffIfd) -> str:
     """'level', 'label', 'macro' or 'unknown'."""
     desc = (ifd.description or "").strip()
@@ -108,7 +110,7 @@ def _unknown_element(parent: str, child: XmlNode, tally: Tally) -> None:
     element (its texts searched for in the output by the verifier); elements are never
     kept by a rule (the rebuilt XMP only holds what the cleaner knows)."""
     if child.ns or not _ATTR_NAME.match(child.name):
-        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {_safe(child.name)!r}")
+        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {printable_name(child.name)!r}")
     key = f"{parent}/{child.name}"
     if tally.unknown("bif", key, UNKNOWN_BIF_ELEMENT, "BIF XMP element"):
         raise DeidRejected(
@@ -149,12 +151,13 @@ def _clean_iscan(node: XmlNode, tally: Tally) -> XmlNode:
 def _structural(node: XmlNode, tally: Tally, allowed: frozenset[str] | None = None) -> XmlNode:
     """Numeric/enum-only elements (EncodeInfo geometry, AOI rectangles)."""
     if node.ns or node.text.strip():
-        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF element {_safe(node.name)!r} holds text")
+        shown = printable_name(node.name)
+        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF element {shown!r} holds text")
     for key, value in node.attrs.items():
         if (allowed is not None and key not in allowed) or not _ATTR_NAME.match(key):
-            raise DeidRejected(UNKNOWN_BIF_ATTRIBUTE, f"BIF attribute {_safe(key)!r}")
+            raise DeidRejected(UNKNOWN_BIF_ATTRIBUTE, f"BIF attribute {printable_name(key)!r}")
         if not _VALUE.match(value):
-            raise DeidRejected(UNEXPECTED_TAG_VALUE, f"BIF attribute {_safe(key)!r}")
+            raise DeidRejected(UNEXPECTED_TAG_VALUE, f"BIF attribute {printable_name(key)!r}")
     out = XmlNode("", node.name, dict(node.attrs))
     for child in node.children:
         if child.name == "iScan":  # older layout: /EncodeInfo/SlideInfo/iScan
@@ -171,7 +174,7 @@ def _structural(node: XmlNode, tally: Tally, allowed: frozenset[str] | None = No
 
 def _clean_node(node: XmlNode, tally: Tally) -> XmlNode:
     if node.ns:
-        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {_safe(node.name)!r}")
+        raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {printable_name(node.name)!r}")
     if node.name == "iScan":
         return _clean_iscan(node, tally)
     if node.name == "EncodeInfo":
@@ -184,7 +187,7 @@ def _clean_node(node: XmlNode, tally: Tally) -> XmlNode:
             else:
                 _unknown_element("Metadata", child, tally)
         return XmlNode("", "Metadata", {}, kids)
-    raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {_safe(node.name)!r}")
+    raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {printable_name(node.name)!r}")
 
 
 def clean_xmp_tree(tag: TiffTag, tally: Tally) -> XmlNode:
@@ -217,7 +220,7 @@ def verify_xmp(text: str, kept: frozenset[str] = frozenset()) -> str | None:
             if set(node.attrs) - ISCAN_KEEP - kept:
                 return "BIF iScan attribute outside the keep-list"
         elif node.name not in ENCODE_ELEMENTS | {"Metadata"} and not _AOI.match(node.name):
-            return f"BIF XMP element {_safe(node.name)!r}"
+            return f"BIF XMP element {printable_name(node.name)!r}"
     return None
 
 
