@@ -236,6 +236,18 @@ class Tally:
             self._review[key] = ReviewItem(key, reason, where)
         return False
 
+    def unknown_removable(self, kind: str, name: str, reason: str, where: str) -> None:
+        """:meth:`unknown` for an item a rule can only remove (structured content the cleaner
+        does not know how to write back): a steward's keep rule for it is refused. The caller
+        drops the item."""
+        if self.unknown(kind, name, reason, where):
+            raise DeidRejected(reason, f"{where}: a rule can only remove {kind}:{name.strip()}")
+
+    def dropped_text(self, *texts: str) -> None:
+        """Texts of a dropped item of unknown meaning: searched for in the output when they
+        could name someone (six characters or more, one of them a letter)."""
+        self.identifying(*(t for t in texts if len(t.strip()) >= 6 and any(map(str.isalpha, t))))
+
     @property
     def review_items(self) -> list[ReviewItem]:
         return list(self._review.values())

@@ -339,8 +339,7 @@ def _held(tally: Tally, key: str, reason: str, where: str, values: list[str]) ->
     """A level key, layer or section no rule knows: held for review under ``mrxs:<key>``; a
     steward's "remove" rule drops it. Only [GENERAL] keys can be kept by a rule: the rest
     shapes how the pyramid is read, and the output describes only what is known."""
-    if tally.unknown("mrxs", key, reason, where):
-        raise DeidRejected(reason, f"{where}: a rule can only remove {key_label(key)}")
+    tally.unknown_removable("mrxs", key, reason, where)
     tally.remove(f"mrxs_unknown.{key.split('.', 1)[0].lower()}")
     for value in values:
         _identifying(tally, value)

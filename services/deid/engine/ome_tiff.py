@@ -157,23 +157,9 @@ def _unknown(
     rule: the rebuilt document only holds what the cleaner knows how to write."""
     code = UNKNOWN_OME_ELEMENT if kind == "element" else UNKNOWN_OME_ATTRIBUTE
     key = f"{path}/{name}" if kind == "element" else f"{path}[{name}]"
-    if doc.tally.unknown("ome", key, code, f"OME-XML {kind} in {where}"):
-        raise DeidRejected(
-            code, f"OME-XML {kind} {printable_name(key)!r} in {where}: a rule can only remove it"
-        )
+    doc.tally.unknown_removable("ome", key, code, f"OME-XML {kind} in {where}")
     doc.tally.remove(f"ome.unknown_{kind}")
-    texts = [dropped] if isinstance(dropped, str) else _texts(dropped)
-    for text in texts:
-        if len(text) >= 6 and any(c.isalpha() for c in text):
-            doc.tally.identifying(text)
-
-
-def _texts(node: XmlNode) -> list[str]:
-    out: list[str] = []
-    for n in node.iter():
-        out.extend(v.strip() for v in n.attrs.values())
-        out.append(n.text.strip())
-    return [t for t in out if t]
+    doc.tally.dropped_text(*([dropped] if isinstance(dropped, str) else dropped.texts()))
 
 
 def _collect(node: XmlNode, tally: Tally) -> None:

@@ -112,16 +112,9 @@ def _unknown_element(parent: str, child: XmlNode, tally: Tally) -> None:
     if child.ns or not _ATTR_NAME.match(child.name):
         raise DeidRejected(UNKNOWN_BIF_ELEMENT, f"BIF XMP element {printable_name(child.name)!r}")
     key = f"{parent}/{child.name}"
-    if tally.unknown("bif", key, UNKNOWN_BIF_ELEMENT, "BIF XMP element"):
-        raise DeidRejected(
-            UNKNOWN_BIF_ELEMENT, f"BIF XMP element {key!r}: a rule can only remove it"
-        )
+    tally.unknown_removable("bif", key, UNKNOWN_BIF_ELEMENT, "BIF XMP element")
     tally.remove("bif.unknown_element")
-    for n in child.iter():
-        for text in (*n.attrs.values(), n.text):
-            text = text.strip()
-            if len(text) >= 6 and any(c.isalpha() for c in text):
-                tally.identifying(text)
+    tally.dropped_text(*child.texts())
 
 
 def _clean_iscan(node: XmlNode, tally: Tally) -> XmlNode:

@@ -46,6 +46,15 @@ class XmlNode:
             stack.extend(reversed(node.children))
         return out
 
+    def texts(self) -> list[str]:
+        """Every non-empty attribute value and text of the subtree, stripped, in document
+        order (each element's attributes before its text)."""
+        out: list[str] = []
+        for node in self.iter():
+            out.extend(v.strip() for v in node.attrs.values())
+            out.append(node.text.strip())
+        return [t for t in out if t]
+
 
 _DECL = re.compile(r"^\ufeff?\s*<\?xml[^>]*\?>", re.IGNORECASE)
 _SEP = "\x1f"
