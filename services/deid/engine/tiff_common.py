@@ -264,10 +264,6 @@ def aspect_matches(a: TiffIfd, b: TiffIfd) -> bool:
     return abs(expected - b.height) <= max(2.0, 0.02 * b.height)
 
 
-def _temporary(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
-
-
 def _write_file(
     src: Path,
     tmp: Path,
@@ -295,21 +291,14 @@ def _write_file(
 def write_atomically(
     src: Path, dst: Path, out_ifds: Sequence[OutIfd], st: TiffStructure, policy: DeidPolicy
 ) -> WriteResult:
-    """Write the new TIFF to a temporary file beside ``dst`` and rename it into place."""
-    tmp = _temporary(dst)
-    try:
-        result = _write_file(src, tmp, out_ifds, st, policy)
-        os.replace(tmp, dst)
-    except TiffError as exc:
-        raise DeidRejected(MALFORMED_FILE, f"writing failed: {exc.reason}") from exc
-    finally:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-    return result
+    """Write the new TIFF to a temporary file beside ``dst`` and rename it into place (a
+    :class:`BackgroundWrite` waited for at once)."""
+    return BackgroundWrite(src, dst, out_ifds, st, policy).commit()
 
 
 class BackgroundWrite:
-    """:func:`write_atomically` in a background thread, started before the tile headers are
+    """The new TIFF written by a background thread to a temporary file beside ``dst``, renamed
+    into place by :meth:`commit`. De-identification starts it before the tile headers are
     scanned: in the usual case no header needs an edit, the layout is already final and the
     kernel copies the image data while the scan runs (the scan is Python/numpy work on the
     header pages, the copy is kernel work; 2 cores do both at once). If the scan finds edits,
@@ -325,7 +314,7 @@ class BackgroundWrite:
         policy: DeidPolicy,
     ) -> None:
         self._dst = dst
-        self._tmp = _temporary(dst)
+        self._tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
         self._cancel = threading.Event()
         self._result: WriteResult | None = None
         self._error: BaseException | None = None
