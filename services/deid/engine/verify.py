@@ -71,7 +71,8 @@ from services.shared.wsi.sniff import (
 )
 from services.shared.wsi.tiff import TiffError, TiffIfd, TiffStructure
 
-_MAX_GAP = 2 << 20  # zero padding: word alignment of values, page alignment of image data
+# zero padding: word alignment of tag values, and the writer's alignment of large image runs
+_MAX_GAP = tiff.RUN_ALIGN
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_.\-]+-[a-z]{3}-[a-z2-7]{24}$")
 _SAMPLES_PER_LEVEL = 3
 _STREAM_MIN_PATTERN = 6
@@ -515,7 +516,7 @@ def _check_ifd(
 
 def _check_coverage(path: Path, st: TiffStructure) -> list[tuple[int, int]]:
     """Every byte must belong to the header, an IFD, a tag value or image data, except zero
-    bytes of alignment padding (each gap read and checked, each under 128 KiB); nothing may
+    bytes of alignment padding (each gap read and checked, each under _MAX_GAP); nothing may
     follow the last referenced byte."""
     meta = _merge(st.metadata_regions())
     starts = [np.array([s for s, _e in meta], dtype=np.int64)]
