@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,7 +165,7 @@ class TesseraClient:
             )
             start = st.received_bytes if st.state == ingestion_pb2.UPLOAD_STATE_IN_PROGRESS else 0
             try:
-                resp = await self.ingestion.UploadSlide(_requests(header, path, start))
+                resp = await _upload_once(self.ingestion, header, path, start)
             except aio.AioRpcError as exc:
                 if attempt >= max_attempts:
                     raise
@@ -179,7 +179,7 @@ class TesseraClient:
                     StatusCode.UNAVAILABLE,
                     StatusCode.CANCELLED,
                     StatusCode.DEADLINE_EXCEEDED,
-                ):
+                ) or _status_lost(exc):
                     await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
                     continue
                 raise
@@ -234,10 +234,47 @@ class TesseraClient:
         return size, h.hexdigest()
 
 
+# Sent by the server as initial metadata once it has accepted an upload's header.
+UPLOAD_ACCEPTED_KEY = "tessera-upload-accepted"
+
+
+async def _upload_once(
+    stub: ingestion_pb2_grpc.IngestionServiceStub,
+    header: ingestion_pb2.UploadHeader,
+    path: Path,
+    start: int,
+) -> ingestion_pb2.UploadSlideResponse:
+    """One UploadSlide call: the header, then the chunks only once the server has accepted it.
+
+    A server that refuses an upload (busy, no grant, bad header) ends the call at once. A
+    chunk the client writes after that fails locally, and grpcio's asyncio client then
+    reports INTERNAL "Internal error from Core" in place of the server's status
+    (grpc/grpc#36066). Waiting for the server's acceptance keeps refusals reported as sent.
+    """
+
+    async def accepted() -> bool:
+        md = await call.initial_metadata()
+        return any(key == UPLOAD_ACCEPTED_KEY for key, _ in md or ())
+
+    call = stub.UploadSlide(_requests(header, path, start, accepted))
+    return await call
+
+
+def _status_lost(exc: aio.AioRpcError) -> bool:
+    """The call failed inside grpcio's own write path, so the server's status is unknown
+    (grpc/grpc#36066: a server ending the call while chunks are still being sent)."""
+    return exc.code() == StatusCode.INTERNAL and exc.details() == "Internal error from Core"
+
+
 async def _requests(
-    header: ingestion_pb2.UploadHeader, path: Path, start: int
+    header: ingestion_pb2.UploadHeader,
+    path: Path,
+    start: int,
+    accepted: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
     yield ingestion_pb2.UploadSlideRequest(header=header)
+    if accepted is not None and not await accepted():
+        return  # the server refused the header; its status ends the call
     offset = start
     with path.open("rb") as fh:
         fh.seek(start)

@@ -11,6 +11,10 @@ from services.shared.auth import current_principal
 from services.shared.errors import InvalidArgument, ResourceExhausted
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 
+# Initial metadata sent once an upload's header is accepted: a client sends its chunks only
+# after it (see the UploadSlide comment in ingestion.proto).
+UPLOAD_ACCEPTED_KEY = "tessera-upload-accepted"
+
 _STATES = {
     "NOT_STARTED": ingestion_pb2.UPLOAD_STATE_NOT_STARTED,
     "IN_PROGRESS": ingestion_pb2.UPLOAD_STATE_IN_PROGRESS,
@@ -55,12 +59,14 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             )
         self._active += 1
         try:
-            return await self._upload(request_iterator)
+            return await self._upload(request_iterator, context)
         finally:
             self._active -= 1
 
     async def _upload(
-        self, requests: AsyncIterator[ingestion_pb2.UploadSlideRequest]
+        self,
+        requests: AsyncIterator[ingestion_pb2.UploadSlideRequest],
+        context: aio.ServicerContext,
     ) -> ingestion_pb2.UploadSlideResponse:
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("kind") != "header":
@@ -72,6 +78,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 "this upload is already streaming", "UPLOAD_BUSY", retry_after_s=5.0
             )
         async with lock:
+            await context.send_initial_metadata(((UPLOAD_ACCEPTED_KEY, "1"),))
             async for req in requests:
                 if req.WhichOneof("kind") != "chunk":
                     raise InvalidArgument("only chunks may follow the header", "SECOND_HEADER")

@@ -186,3 +186,45 @@ async def test_new_uploads_are_refused_while_deid_is_behind_and_resumes_go_on(
     clock.t += 5.0
     assert (await ingestion.begin(alice, header_for(1))).upload_id
     await publisher.stop()
+
+
+async def test_a_refused_upload_reports_the_servers_status_not_a_lost_write(
+    server: str, tmp_path: Path
+) -> None:
+    """The server refuses at the header while the client has megabytes of chunks to send:
+    the client must see the refusal as sent (BUSY with its hint, or no grant), every time,
+    never grpcio's INTERNAL for a chunk written after the call ended."""
+    big = tmp_path / "big.svs"
+    big.write_bytes(bytes(range(256)) * (16 * 4096))  # 16 MiB: 16 chunks
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    alice = TokenIssuer(PRIVATE).issue("alice", [])
+    bob = TokenIssuer(PRIVATE).issue("bob", [])
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
+        yield header(SLIDE.read_bytes())
+        await release.wait()
+
+    async with open_channel(server, lambda: alice) as ch:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
+
+        async def hold() -> None:
+            await stub.UploadSlide(slow(), timeout=60)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0.3)  # the only slot is taken
+        async with TesseraClient(alice, {"ingestion": server}) as client:
+            for _ in range(40):
+                with pytest.raises(aio.AioRpcError) as err:
+                    await client.upload(big, "ds-1", max_attempts=1, sha256=digest)
+                assert err.value.code() == StatusCode.RESOURCE_EXHAUSTED
+                assert retry_after_s(err.value) is not None
+        release.set()
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+
+    async with TesseraClient(bob, {"ingestion": server}) as client:
+        for _ in range(40):
+            with pytest.raises(aio.AioRpcError) as err:
+                await client.upload(big, "ds-1", max_attempts=1, sha256=digest)
+            assert err.value.code() == StatusCode.PERMISSION_DENIED

@@ -56,7 +56,11 @@ class IngestionServiceServicer:
     """
 
     def UploadSlide(self, request_iterator, context):
-        """First message: header. Then chunks, in order, each with its absolute offset.
+        """First message: header. Then chunks, in order, each with its absolute offset. Once the
+        header is accepted the server sends initial metadata `tessera-upload-accepted: 1`; a
+        client should wait for it before sending chunks, because a refusal (busy, no grant,
+        invalid header) ends the call at once and chunks written after that only race the
+        server's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,12 @@ class IngestionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestionServiceAsyncStub: ...
     UploadSlide: _grpc.StreamUnaryMultiCallable[_ingestion_pb2.UploadSlideRequest, _ingestion_pb2.UploadSlideResponse]
-    """First message: header. Then chunks, in order, each with its absolute offset."""
+    """First message: header. Then chunks, in order, each with its absolute offset. Once the
+    header is accepted the server sends initial metadata `tessera-upload-accepted: 1`; a
+    client should wait for it before sending chunks, because a refusal (busy, no grant,
+    invalid header) ends the call at once and chunks written after that only race the
+    server's status.
+    """
     GetUploadStatus: _grpc.UnaryUnaryMultiCallable[_ingestion_pb2.GetUploadStatusRequest, _ingestion_pb2.GetUploadStatusResponse]
     """How many bytes of an upload the server has durably received."""
 
@@ -50,7 +55,12 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadSlide: _aio.StreamUnaryMultiCallable[_ingestion_pb2.UploadSlideRequest, _ingestion_pb2.UploadSlideResponse]  # type: ignore[assignment]
-    """First message: header. Then chunks, in order, each with its absolute offset."""
+    """First message: header. Then chunks, in order, each with its absolute offset. Once the
+    header is accepted the server sends initial metadata `tessera-upload-accepted: 1`; a
+    client should wait for it before sending chunks, because a refusal (busy, no grant,
+    invalid header) ends the call at once and chunks written after that only race the
+    server's status.
+    """
     GetUploadStatus: _aio.UnaryUnaryMultiCallable[_ingestion_pb2.GetUploadStatusRequest, _ingestion_pb2.GetUploadStatusResponse]  # type: ignore[assignment]
     """How many bytes of an upload the server has durably received."""
 
@@ -66,7 +76,12 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_ingestion_pb2.UploadSlideRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_ingestion_pb2.UploadSlideResponse, _abc.Awaitable[_ingestion_pb2.UploadSlideResponse]]:
-        """First message: header. Then chunks, in order, each with its absolute offset."""
+        """First message: header. Then chunks, in order, each with its absolute offset. Once the
+        header is accepted the server sends initial metadata `tessera-upload-accepted: 1`; a
+        client should wait for it before sending chunks, because a refusal (busy, no grant,
+        invalid header) ends the call at once and chunks written after that only race the
+        server's status.
+        """
 
     @_abc_1.abstractmethod
     def GetUploadStatus(
