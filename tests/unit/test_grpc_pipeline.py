@@ -419,8 +419,10 @@ async def test_upload_stream_without_token_is_unauthenticated(stack: Stack) -> N
     data = slide("aperio/small.svs")
     async with stack.bare() as ch:
         with pytest.raises(aio.AioRpcError) as err:
+            # the header alone: chunks written after the refusal would only race its status
+            # in grpcio's client (grpc/grpc#36066; see services/cli/client.py)
             await ingestion_pb2_grpc.IngestionServiceStub(ch).UploadSlide(
-                _stream(upload_requests(data)), timeout=10
+                _stream(upload_requests(data)[:1]), timeout=10
             )
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert await stack.objects.list_keys("quarantine") == []
@@ -442,8 +444,9 @@ async def test_upload_stream_needs_a_header_first(stack: Stack) -> None:
     data = slide("aperio/small.svs")
     async with stack.channel() as ch:
         with pytest.raises(aio.AioRpcError) as err:
+            # a chunk, and no header
             await ingestion_pb2_grpc.IngestionServiceStub(ch).UploadSlide(
-                _stream(upload_requests(data)[1:]), timeout=10
+                _stream(upload_requests(data)[1:2]), timeout=10
             )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert trailer(err.value) == "NO_HEADER"
