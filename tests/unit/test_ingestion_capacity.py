@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from grpc import StatusCode, aio
+from prometheus_client import REGISTRY
 
 from services.cli.client import TesseraClient, retry_after_s
 from services.ingestion.admission import DEID_GROUP, Admission
@@ -97,12 +98,8 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
 
     async with open_channel(server, lambda: token) as ch:
         stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
-
-        async def hold() -> None:
-            await stub.UploadSlide(slow(), timeout=30)
-
-        holder = asyncio.create_task(hold())
-        await asyncio.sleep(0.3)
+        held = stub.UploadSlide(slow(), timeout=30)
+        await asyncio.wait_for(held.initial_metadata(), 10)  # accepted: the slot is taken
 
         async def one() -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
             yield header(data)
@@ -115,18 +112,35 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         assert float(trailers[RETRY_AFTER_KEY]) > 0
         assert retry_after_s(err.value) == float(trailers[RETRY_AFTER_KEY])
 
-        # a client that honours the hint gets in once the slot is free
-        async def free_soon() -> None:
-            await asyncio.sleep(0.5)
-            release.set()
-            holder.cancel()
+        # a client that honours the hint gets in once the slot is free: the slot is freed
+        # only after the server has refused the client once more
+        refused = busy_refusals()
 
-        freer = asyncio.create_task(free_soon())
+        async def free_after_a_refusal() -> None:
+            while busy_refusals() <= refused:
+                await asyncio.sleep(0.02)
+            release.set()
+            held.cancel()
+
+        freer = asyncio.create_task(free_after_a_refusal())
         async with TesseraClient(token, {"ingestion": server}) as client:
             out = await client.upload(SLIDE, "ds-1", common_pb2.ClinicalMetadata(stain="H&E"))
         await freer
         assert out.attempts >= 2
         assert out.slide_id
+
+
+def busy_refusals() -> float:
+    """UploadSlide calls the unit server answered RESOURCE_EXHAUSTED (its request counter)."""
+    value = REGISTRY.get_sample_value(
+        "tessera_rpc_requests_total",
+        {
+            "service": "unit",
+            "method": "/tessera.ingestion.v1.IngestionService/UploadSlide",
+            "code": "RESOURCE_EXHAUSTED",
+        },
+    )
+    return value or 0.0
 
 
 # -- admission: new uploads wait while de-identification is behind --------------------------
@@ -206,13 +220,8 @@ async def test_a_refused_upload_reports_the_servers_status_not_a_lost_write(
         await release.wait()
 
     async with open_channel(server, lambda: alice) as ch:
-        stub = ingestion_pb2_grpc.IngestionServiceStub(ch)
-
-        async def hold() -> None:
-            await stub.UploadSlide(slow(), timeout=60)
-
-        holder = asyncio.create_task(hold())
-        await asyncio.sleep(0.3)  # the only slot is taken
+        held = ingestion_pb2_grpc.IngestionServiceStub(ch).UploadSlide(slow(), timeout=60)
+        await asyncio.wait_for(held.initial_metadata(), 10)  # accepted: the slot is taken
         async with TesseraClient(alice, {"ingestion": server}) as client:
             for _ in range(40):
                 with pytest.raises(aio.AioRpcError) as err:
@@ -220,8 +229,7 @@ async def test_a_refused_upload_reports_the_servers_status_not_a_lost_write(
                 assert err.value.code() == StatusCode.RESOURCE_EXHAUSTED
                 assert retry_after_s(err.value) is not None
         release.set()
-        holder.cancel()
-        await asyncio.gather(holder, return_exceptions=True)
+        held.cancel()
 
     async with TesseraClient(bob, {"ingestion": server}) as client:
         for _ in range(40):
