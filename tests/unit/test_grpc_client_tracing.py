@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from grpc import StatusCode, aio
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -68,6 +68,16 @@ async def echo() -> AsyncIterator[tuple[str, Echo]]:
         await srv.stop(None)
 
 
+async def finished(spans: InMemorySpanExporter) -> list[ReadableSpan]:
+    """The call's client spans, once ended (that happens in a task after the call is done)."""
+    for _ in range(500):
+        done = [s for s in spans.get_finished_spans() if s.name == METHOD]
+        if done:
+            return done
+        await asyncio.sleep(0.01)
+    return []
+
+
 def _request(dataset: str = "ds") -> ingestion_pb2.UploadSlideRequest:
     return ingestion_pb2.UploadSlideRequest(header=ingestion_pb2.UploadHeader(dataset_id=dataset))
 
@@ -95,8 +105,7 @@ async def test_initial_metadata_is_seen_while_requests_are_still_sent(
 
     assert resp.slide_id == "3"
     assert ("go-on", "1") in seen
-    await asyncio.sleep(0.05)  # the span ends in a task once the call is done
-    (span,) = [s for s in spans.get_finished_spans() if s.name == METHOD]
+    (span,) = await finished(spans)
     assert span.kind == SpanKind.CLIENT
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == StatusCode.OK.value[0]
@@ -120,8 +129,7 @@ async def test_a_refused_call_ends_its_span_as_an_error(
         with pytest.raises(aio.AioRpcError) as err:
             await stub.UploadSlide(requests(), timeout=10)
     assert err.value.code() == StatusCode.PERMISSION_DENIED
-    await asyncio.sleep(0.05)
-    (span,) = [s for s in spans.get_finished_spans() if s.name == METHOD]
+    (span,) = await finished(spans)
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == StatusCode.PERMISSION_DENIED.value[0]
     assert not span.status.is_ok
