@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.shared import telemetry
 from services.shared.adapters.memory import InMemoryBus
 from services.shared.errors import InvalidArgument, Unavailable
 from services.shared.events import (
@@ -136,18 +133,6 @@ async def h() -> AsyncIterator[Harness]:
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await publisher.stop()
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    # The global provider can be set only once per process; the emitter and runner take
-    # their tracer from `telemetry.tracer`, so route that to this provider.
-    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer)
-    yield exporter
-    provider.shutdown()
 
 
 def header(msg: Message, name: str) -> str | None:

@@ -6,16 +6,14 @@ the call's status."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from grpc import StatusCode, aio
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from services.shared import telemetry
 from services.shared.grpc.client import open_channel
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 
@@ -43,16 +41,6 @@ class Echo(ingestion_pb2_grpc.IngestionServiceServicer):
         async for _ in request_iterator:
             n += 1
         return ingestion_pb2.UploadSlideResponse(slide_id=str(n))
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "tracer", provider.get_tracer)
-    yield exporter
-    provider.shutdown()
 
 
 @pytest.fixture
@@ -112,6 +100,7 @@ async def test_initial_metadata_is_seen_while_requests_are_still_sent(
     assert span.attributes["rpc.service"] == "tessera.ingestion.v1.IngestionService"
     assert span.attributes["rpc.method"] == "UploadSlide"
     ctx = span.get_span_context()
+    assert ctx is not None
     (sent,) = servicer.traceparents
     assert sent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
 
