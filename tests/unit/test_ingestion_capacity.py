@@ -104,6 +104,7 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         async def one() -> AsyncIterator[ingestion_pb2.UploadSlideRequest]:
             yield header(data)
 
+        before = busy_refusals()
         with pytest.raises(aio.AioRpcError) as err:
             await stub.UploadSlide(one(), timeout=10)
         assert err.value.code() == StatusCode.RESOURCE_EXHAUSTED
@@ -113,8 +114,9 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         assert retry_after_s(err.value) == float(trailers[RETRY_AFTER_KEY])
 
         # a client that honours the hint gets in once the slot is free: the slot is freed
-        # only after the server has refused the client once more
-        refused = busy_refusals()
+        # only after the server has refused the client once more (the server counts a call
+        # just after its status is sent: first wait for the refusal above to be counted)
+        refused = await counted_busy(before + 1)
 
         async def free_after_a_refusal() -> None:
             while busy_refusals() <= refused:
@@ -128,6 +130,14 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         await freer
         assert out.attempts >= 2
         assert out.slide_id
+
+
+async def counted_busy(at_least: float) -> float:
+    deadline = asyncio.get_running_loop().time() + 10
+    while busy_refusals() < at_least and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert busy_refusals() >= at_least, "the server never counted the refusal"
+    return busy_refusals()
 
 
 def busy_refusals() -> float:
@@ -219,6 +229,12 @@ async def test_a_refused_upload_reports_the_servers_status_not_a_lost_write(
         yield header(SLIDE.read_bytes())
         await release.wait()
 
+    async with TesseraClient(bob, {"ingestion": server}) as client:  # no grant, a free slot
+        for _ in range(40):
+            with pytest.raises(aio.AioRpcError) as err:
+                await client.upload(big, "ds-1", max_attempts=1, sha256=digest)
+            assert err.value.code() == StatusCode.PERMISSION_DENIED
+
     async with open_channel(server, lambda: alice) as ch:
         held = ingestion_pb2_grpc.IngestionServiceStub(ch).UploadSlide(slow(), timeout=60)
         await asyncio.wait_for(held.initial_metadata(), 10)  # accepted: the slot is taken
@@ -230,9 +246,3 @@ async def test_a_refused_upload_reports_the_servers_status_not_a_lost_write(
                 assert retry_after_s(err.value) is not None
         release.set()
         held.cancel()
-
-    async with TesseraClient(bob, {"ingestion": server}) as client:
-        for _ in range(40):
-            with pytest.raises(aio.AioRpcError) as err:
-                await client.upload(big, "ds-1", max_attempts=1, sha256=digest)
-            assert err.value.code() == StatusCode.PERMISSION_DENIED
