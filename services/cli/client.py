@@ -179,7 +179,7 @@ class TesseraClient:
                     StatusCode.UNAVAILABLE,
                     StatusCode.CANCELLED,
                     StatusCode.DEADLINE_EXCEEDED,
-                ) or _status_lost(exc):
+                ) or status_lost(exc):
                     await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
                     continue
                 raise
@@ -260,7 +260,7 @@ async def _upload_once(
     return await call
 
 
-def _status_lost(exc: aio.AioRpcError) -> bool:
+def status_lost(exc: aio.AioRpcError) -> bool:
     """The call failed inside grpcio's own write path, so the server's status is unknown
     (grpc/grpc#36066: a server ending the call while chunks are still being sent)."""
     return exc.code() == StatusCode.INTERNAL and exc.details() == "Internal error from Core"

@@ -35,7 +35,7 @@ for extra in (REPO, REPO / "protos"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from services.cli.client import TesseraClient  # noqa: E402
+from services.cli.client import TesseraClient, status_lost  # noqa: E402
 from services.shared.auth import TokenIssuer  # noqa: E402
 from services.shared.events import dead_letter_topic  # noqa: E402
 from tessera.common.v1 import common_pb2  # noqa: E402
@@ -289,7 +289,10 @@ class Campaign:
             try:
                 out = await client.upload(up.item.path, self.dataset, md, max_attempts=1)
             except aio.AioRpcError as exc:
-                if exc.code() in RETRYABLE and time.monotonic() < deadline:
+                # a status lost to grpcio's write race (a service killed mid-stream) is
+                # as retryable as the UNAVAILABLE it most likely was
+                retryable = exc.code() in RETRYABLE or status_lost(exc)
+                if retryable and time.monotonic() < deadline:
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
                     continue

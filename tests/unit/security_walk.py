@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
+from services.cli.client import status_lost
 from services.shared.auth import generate_keypair
 
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -251,6 +252,7 @@ async def call(
     request: Message,
     authorization: str | None,
     timeout: float = 15.0,
+    attempt: int = 1,
 ) -> tuple[grpc.StatusCode, str]:
     """One call of `rpc` with exactly this authorization header; (code, reason trailer)."""
     out_cls = _message_class(rpc.method.output_type)
@@ -286,6 +288,9 @@ async def call(
                 request, metadata=metadata, timeout=timeout
             )
     except aio.AioRpcError as exc:
+        if m.client_streaming and status_lost(exc) and attempt < 3:
+            # the refusal raced the request's write in grpcio (grpc/grpc#36066): ask again
+            return await call(channel, rpc, request, authorization, timeout, attempt + 1)
         reason = dict(exc.trailing_metadata() or ()).get("tessera-reason", "")
         return exc.code(), str(reason)
     return grpc.StatusCode.OK, ""
