@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from grpc import aio
+from grpc import StatusCode, aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.client import DEFAULT_PORTS, TesseraClient, endpoint
@@ -78,19 +78,30 @@ def token(subject: str, roles: tuple[str, ...] = ()) -> str:
     return issuer().issue(subject, list(roles))
 
 
-async def _all_healthy() -> list[str]:
-    down = []
-    for name in DEFAULT_PORTS:
-        async with aio.insecure_channel(endpoint(name)) as ch:
+async def health_status(target: str, service: str = "", patience_s: float = 60.0) -> int | None:
+    """The health of `service` at `target` (None: the server does not host it). A slow or
+    not-yet-listening server is asked again until `patience_s` is spent."""
+    deadline = asyncio.get_running_loop().time() + patience_s
+    async with aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
             try:
-                r = await health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(), timeout=3
-                )
-                if r.status != health_pb2.HealthCheckResponse.SERVING:
-                    down.append(name)
-            except aio.AioRpcError:
-                down.append(name)
-    return down
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                return int(r.status)
+            except aio.AioRpcError as exc:
+                if exc.code() == StatusCode.NOT_FOUND:
+                    return None
+                if asyncio.get_running_loop().time() > deadline:
+                    return int(health_pb2.HealthCheckResponse.UNKNOWN)
+            await asyncio.sleep(0.5)
+
+
+async def _all_healthy() -> list[str]:
+    return [
+        name
+        for name in DEFAULT_PORTS
+        if await health_status(endpoint(name)) != health_pb2.HealthCheckResponse.SERVING
+    ]
 
 
 @dataclass

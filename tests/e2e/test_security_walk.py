@@ -23,10 +23,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from services.cli.client import DEFAULT_PORTS, TesseraClient, endpoint
-from tests.e2e.conftest import KEYS, World, role, token
+from tests.e2e.conftest import KEYS, World, health_status, role, token
 from tests.unit.security_walk import (
     OPEN_TO_AUTHENTICATED,
     PUBLIC,
@@ -50,15 +50,9 @@ async def _hosts() -> dict[str, str]:
     found: dict[str, str] = {}
     for name in DEFAULT_PORTS:
         target = endpoint(name)
-        async with aio.insecure_channel(target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            for svc in services:
-                try:
-                    r = await stub.Check(health_pb2.HealthCheckRequest(service=svc), timeout=3)
-                except aio.AioRpcError:
-                    continue
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    found.setdefault(svc, target)
+        for svc in services:
+            if await health_status(target, svc) == health_pb2.HealthCheckResponse.SERVING:
+                found.setdefault(svc, target)
     return found
 
 
