@@ -138,13 +138,12 @@ async def _topic_values(bus: KafkaBus, topic: str, group: str, want: int) -> lis
     sub = bus.subscription(group, [topic])
     await sub.start()
     out: list[bytes] = []
+    deadline = asyncio.get_running_loop().time() + 120
     try:
-        for _ in range(40):
+        while len(out) < want and asyncio.get_running_loop().time() < deadline:
             out += [m.value for m in await sub.fetch(timeout_s=0.5)]
-            if len(out) >= want:
-                # one more poll: a duplicate would show up here
-                out += [m.value for m in await sub.fetch(timeout_s=1.0)]
-                break
+        # one more poll: a duplicate would show up here
+        out += [m.value for m in await sub.fetch(timeout_s=1.0)]
     finally:
         await sub.stop()
     return out
