@@ -202,7 +202,8 @@ async def test_fetch_returns_empty_after_timeout_when_idle(bus_env):
         started = time.monotonic()
         assert await sub.fetch(timeout) == []
         elapsed = time.monotonic() - started
-        assert timeout * 0.9 <= elapsed < timeout + 5.0
+        # the lower bound is the contract; the upper one only says "bounded, not hung"
+        assert timeout * 0.9 <= elapsed < timeout + 30.0
 
 
 async def test_fetch_wakes_up_when_a_message_arrives(bus_env):
@@ -271,8 +272,8 @@ async def test_stop_ends_a_waiting_fetch(bus_env):
     await asyncio.sleep(0.3)
     started = time.monotonic()
     await bus_env.stop(sub)
-    assert await asyncio.wait_for(waiting, 10.0) == []
-    assert time.monotonic() - started < 10.0
+    assert await asyncio.wait_for(waiting, 30.0) == []  # well before the fetch's own 20 s
+    assert time.monotonic() - started < 19.0
 
 
 async def test_keyed_messages_go_where_kafkas_default_partitioner_puts_them(bus_env):
