@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT_S = 10.0
+STARTUP_TIMEOUT_S = 120.0  # a fresh worker's imports, not counted in a case's time
 WORKER_MEMORY_BYTES = 3 * 1024**3
 
 # --- seeds ---------------------------------------------------------------------------------
@@ -430,6 +431,8 @@ def _worker(conn: Any, seeds: dict[str, Seed]) -> None:
 
     warnings.simplefilter("ignore")
     work = Path(tempfile.mkdtemp(prefix="tessera-fuzz-"))
+    _warm()
+    conn.send(("ready", "", ""))
     while True:
         job = conn.recv()
         if job is None:
@@ -451,6 +454,25 @@ def _worker(conn: Any, seeds: dict[str, Seed]) -> None:
             for p in case.glob("**/*"):
                 if p.is_file():
                     p.unlink(missing_ok=True)
+
+
+def _warm() -> None:
+    """Import what the targets import, so that a case's time limit measures the case, not a
+    fresh worker's start-up on a loaded machine."""
+    import importlib
+
+    for module in (
+        "imagecodecs",
+        "PIL.ImageCms",
+        "pydicom",
+        "services.deid.engine",
+        "services.ingestion.core",
+        "services.shared.adapters.memory",
+        "services.shared.wsi.codestream",
+        "services.shared.wsi.sniff",
+        "services.shared.wsi.tiff",
+    ):
+        importlib.import_module(module)
 
 
 @dataclass
@@ -478,6 +500,13 @@ class Runner:
         self._proc.start()
         child.close()
         self._conn = parent
+        try:
+            ready = parent.poll(STARTUP_TIMEOUT_S) and parent.recv()[0] == "ready"
+        except EOFError:
+            ready = False
+        if not ready:
+            self._kill()
+            raise RuntimeError(f"the fuzz worker did not start within {STARTUP_TIMEOUT_S:.0f}s")
 
     def _kill(self) -> None:
         if self._proc is not None:
