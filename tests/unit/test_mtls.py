@@ -179,13 +179,21 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         ],
     )
     task = asyncio.create_task(host.run())
-    for _ in range(200):
+    # serving, as a client with a good certificate sees it (the refusal tests below would
+    # otherwise also pass against a server not yet listening)
+    target = f"127.0.0.1:{port}"
+    deadline = asyncio.get_running_loop().time() + 30
+    serving = False
+    while not serving and not task.done() and asyncio.get_running_loop().time() < deadline:
         if host.bound_port:
-            break
-        await asyncio.sleep(0.02)
+            ok = await _health(open_channel(target, tls=_tls(client)))
+            serving = ok == grpc.StatusCode.OK
+        if not serving:
+            await asyncio.sleep(0.05)
+    assert serving, "the service did not start serving over mutual TLS"
     assert host.bound_port == port
     try:
-        yield Served(f"127.0.0.1:{port}", server, client, rogue_client, rogue_client.ca)
+        yield Served(target, server, client, rogue_client, rogue_client.ca)
     finally:
         host.request_stop()
         await asyncio.wait_for(task, 30)
