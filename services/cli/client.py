@@ -236,6 +236,9 @@ class TesseraClient:
 
 # Sent by the server as initial metadata once it has accepted an upload's header.
 UPLOAD_ACCEPTED_KEY = "tessera-upload-accepted"
+# How long a client waits for that before it sends its chunks anyway (a server that never
+# says, one older than the handshake, is then uploaded to as before).
+ACCEPT_WAIT_S = 30.0
 
 
 async def _upload_once(
@@ -253,7 +256,11 @@ async def _upload_once(
     """
 
     async def accepted() -> bool:
-        md = await call.initial_metadata()
+        try:
+            # shielded: giving up the wait must not cancel the call
+            md = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+        except TimeoutError:
+            return True
         return any(key == UPLOAD_ACCEPTED_KEY for key, _ in md or ())
 
     call = stub.UploadSlide(_requests(header, path, start, accepted))
