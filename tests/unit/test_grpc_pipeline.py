@@ -3,7 +3,6 @@ stream-unary and unary-stream) and metrics, with real servicers over in-memory f
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +15,6 @@ import jwt
 import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.access.core import AccessControl
 from services.access.servicer import AccessServicer
@@ -40,6 +38,7 @@ from tessera.access.v1 import access_pb2, access_pb2_grpc
 from tessera.common.v1 import common_pb2
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
 from tessera.tiling.v1 import tiling_pb2, tiling_pb2_grpc
+from tests.unit.rpc_counts import served, served_at_least
 
 SERVICE = "unit-pipeline"
 SLIDES = Path(__file__).resolve().parents[2].parent / "shared" / "slides"
@@ -169,22 +168,6 @@ def trailer(err: aio.AioRpcError, key: str = REASON_KEY) -> str | None:
     return None
 
 
-def requests_total(method: str, code: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "tessera_rpc_requests_total", {"service": SERVICE, "method": method, "code": code}
-    )
-    return value or 0.0
-
-
-async def counted(method: str, code: str, expected: float) -> float:
-    """The server records the call after the client has its status: wait for it (10 s at
-    most, for a loaded machine)."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while requests_total(method, code) < expected and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    return requests_total(method, code)
-
-
 async def call_get_dataset(
     channel: aio.Channel, metadata: tuple[tuple[str, str], ...] | None = None
 ) -> access_pb2.GetDatasetResponse:
@@ -200,12 +183,12 @@ async def call_get_dataset(
 
 async def test_missing_token_is_unauthenticated(stack: Stack) -> None:
     method = "/tessera.access.v1.AccessService/GetDataset"
-    before = requests_total(method, "UNAUTHENTICATED")
+    before = served(SERVICE, method, "UNAUTHENTICATED")
     with pytest.raises(aio.AioRpcError) as err:
         await call_get_dataset(stack.bare())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert trailer(err.value) == "TOKEN_MISSING"
-    assert await counted(method, "UNAUTHENTICATED", before + 1) == before + 1
+    assert await served_at_least(SERVICE, method, "UNAUTHENTICATED", before + 1) == before + 1
 
 
 def _tampered(token: str) -> str:
@@ -334,14 +317,14 @@ async def test_unreachable_dependency_is_unavailable_without_its_text(
 
     monkeypatch.setattr(stack.access, "get_dataset", unreachable)
     method = "/tessera.access.v1.AccessService/GetDataset"
-    before = requests_total(method, "UNAVAILABLE")
+    before = served(SERVICE, method, "UNAVAILABLE")
     with pytest.raises(aio.AioRpcError) as err:
         await call_get_dataset(stack.channel())
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert SECRET_TEXT not in (err.value.details() or "")
     assert trailer(err.value) == "DEPENDENCY_UNAVAILABLE"
     # the client's channel retries UNAVAILABLE a bounded number of times: each try is counted
-    assert await counted(method, "UNAVAILABLE", before + 1) >= before + 1
+    assert await served_at_least(SERVICE, method, "UNAVAILABLE", before + 1) >= before + 1
 
 
 async def test_unexpected_exception_is_internal_without_its_text(
@@ -352,14 +335,14 @@ async def test_unexpected_exception_is_internal_without_its_text(
 
     monkeypatch.setattr(stack.access, "get_dataset", explode)
     method = "/tessera.access.v1.AccessService/GetDataset"
-    before = requests_total(method, "INTERNAL")
+    before = served(SERVICE, method, "INTERNAL")
     with pytest.raises(aio.AioRpcError) as err:
         await call_get_dataset(stack.channel())
     assert err.value.code() == grpc.StatusCode.INTERNAL
     details = err.value.details() or ""
     assert INTERNAL_DETAILS.match(details), details
     assert trailer(err.value) == "INTERNAL"
-    assert await counted(method, "INTERNAL", before + 1) == before + 1
+    assert await served_at_least(SERVICE, method, "INTERNAL", before + 1) == before + 1
     # the log line carries the reference and the exception type, never its text
     ref = details.split("reference ")[1].rstrip(")")
     [record] = [r for r in caplog.records if r.getMessage() == "unhandled error in rpc"]

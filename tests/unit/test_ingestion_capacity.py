@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from grpc import StatusCode, aio
-from prometheus_client import REGISTRY
 
 from services.cli.client import TesseraClient, retry_after_s
 from services.ingestion.admission import DEID_GROUP, Admission
@@ -28,6 +27,7 @@ from services.shared.ports.bus import Publisher
 from services.shared.pseudonym import Pseudonymizer
 from tessera.common.v1 import common_pb2
 from tessera.ingestion.v1 import ingestion_pb2, ingestion_pb2_grpc
+from tests.unit.rpc_counts import served, served_at_least
 
 SLIDE = Path(__file__).resolve().parents[2].parent / "shared" / "slides" / "aperio" / "small.svs"
 PRIVATE, PUBLIC = generate_keypair()
@@ -116,7 +116,8 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         # a client that honours the hint gets in once the slot is free: the slot is freed
         # only after the server has refused the client once more (the server counts a call
         # just after its status is sent: first wait for the refusal above to be counted)
-        refused = await counted_busy(before + 1)
+        refused = await served_at_least("unit", UPLOAD, "RESOURCE_EXHAUSTED", before + 1)
+        assert refused >= before + 1, "the server never counted the refusal"
 
         async def free_after_a_refusal() -> None:
             while busy_refusals() <= refused:
@@ -132,25 +133,12 @@ async def test_upload_beyond_capacity_is_refused_with_a_wait_hint(server: str) -
         assert out.slide_id
 
 
-async def counted_busy(at_least: float) -> float:
-    deadline = asyncio.get_running_loop().time() + 10
-    while busy_refusals() < at_least and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    assert busy_refusals() >= at_least, "the server never counted the refusal"
-    return busy_refusals()
+UPLOAD = "/tessera.ingestion.v1.IngestionService/UploadSlide"
 
 
 def busy_refusals() -> float:
-    """UploadSlide calls the unit server answered RESOURCE_EXHAUSTED (its request counter)."""
-    value = REGISTRY.get_sample_value(
-        "tessera_rpc_requests_total",
-        {
-            "service": "unit",
-            "method": "/tessera.ingestion.v1.IngestionService/UploadSlide",
-            "code": "RESOURCE_EXHAUSTED",
-        },
-    )
-    return value or 0.0
+    """UploadSlide calls the unit server answered RESOURCE_EXHAUSTED."""
+    return served("unit", UPLOAD, "RESOURCE_EXHAUSTED")
 
 
 # -- admission: new uploads wait while de-identification is behind --------------------------
